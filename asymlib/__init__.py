@@ -1,0 +1,20 @@
+"""asymlib: learning without weight symmetry, reproduced.
+
+Feedback-rule layers (:mod:`asymlib.layers`), the rules (:mod:`asymlib.rules`), a builder for the
+report's network notation (:func:`build`), losses, optimizers and alignment metrics.
+"""
+from .builder import DEFAULT_MARKS, REPORT_CONV_PADDING, FeedbackNet, Network, build, parse_spec
+from .layers import Conv2d, FeedbackLayer, Linear, LocallyConnected2d, exact_backprop, feedback_layers
+from .losses import HingeLoss, get_loss
+from .metrics import alignment, angle, delta_alignment, weight_alignment
+from .optim import BatchManhattan, clip_asymmetric_grads, make_optimizer
+from .rules import RULES, FeedbackRule, get_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build", "parse_spec", "Network", "FeedbackNet", "DEFAULT_MARKS", "REPORT_CONV_PADDING",
+    "Linear", "Conv2d", "LocallyConnected2d", "FeedbackLayer", "exact_backprop", "feedback_layers",
+    "HingeLoss", "get_loss", "alignment", "angle", "delta_alignment", "weight_alignment",
+    "BatchManhattan", "clip_asymmetric_grads", "make_optimizer", "RULES", "FeedbackRule", "get_rule",
+]
