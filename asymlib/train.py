@@ -112,8 +112,14 @@ class Config:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """Hash of what determines the numbers (not the name, profile label or device)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _KEY_EXCLUDES}
+        """Hash of what determines the numbers (not the name, profile label or device).
+
+        Fields at their default value are left out, so that adding a field later (with a default
+        that keeps the old behaviour) leaves the keys of stored runs unchanged."""
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                             else f.default) for f in dataclasses.fields(self)}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _KEY_EXCLUDES and not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "Config":
