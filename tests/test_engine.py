@@ -1,0 +1,193 @@
+"""Data loading, training, the result store, resume, divergence, tables and the command line."""
+import io
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import asymlib.train as train_mod
+from asymlib.cli import main as cli
+from asymlib.data import DataUnavailable, load_dataset
+from asymlib.experiments import run_table
+from asymlib.store import ResultStore
+from asymlib.train import Config, train
+
+CLASSES = ["airplane", "automobile", "bird"]
+
+
+def make_tar(path, n_train=30, n_test=9, size=8, classes=CLASSES):
+    """A small tar.gz in the cifar10-jpeg layout: <top>/train/<class>/NNNN.jpg, test/<class>/NNNN.jpg."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for ci, c in enumerate(classes):
+                for i in range(n // len(classes)):
+                    a = rng.randint(0, 60, (size, size, 3)).astype(np.uint8)
+                    a[..., ci % 3] += 150  # each class has its own colour: learnable
+                    buf = io.BytesIO()
+                    Image.fromarray(a).save(buf, format="JPEG", quality=75)
+                    info = tarfile.TarInfo(f"cifar10-images/{split}/{c}/{i:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory):
+    return make_tar(tmp_path_factory.mktemp("data") / "cifar10-jpeg.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def tarball10(tmp_path_factory):
+    """Ten classes of 32x32 images, for the report's tables (dense10 outputs)."""
+    from asymlib.data import CIFAR10_CLASSES
+    return make_tar(tmp_path_factory.mktemp("data10") / "ten.tar.gz", 200, 20, 32, CIFAR10_CLASSES)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ResultStore(tmp_path / "results")
+
+
+def small(tarball, **kw):
+    base = dict(spec="Input - dense16 - dense8(R) - dense3(R*)", dataset=f"folder:{tarball}", epochs=4,
+                batch_size=6, device="cpu", rules={"R": "brsf"})  # brsf draws from the RNG: resume must restore it
+    return Config(**{**base, **kw})
+
+
+def strip(history: pd.DataFrame) -> pd.DataFrame:
+    return history.drop(columns=["seconds"])
+
+
+def test_cifar10_jpeg_loader_reads_the_tar_layout_and_caches(tarball, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYMLIB_DATA", str(tarball))
+    d = load_dataset("cifar10-jpeg", root=tmp_path)
+    assert d.name == "cifar10-jpeg" and d.classes == tuple(CLASSES)
+    assert d.train_x.shape == (30, 3, 8, 8) and d.train_x.dtype == torch.uint8
+    assert d.test_x.shape == (9, 3, 8, 8)
+    assert d.train_y.bincount().tolist() == [10, 10, 10]
+    # class colour survives JPEG: channel c is brightest for class c
+    assert (d.train_x.float().mean((2, 3)).argmax(1) == d.train_y).all()
+    assert (tmp_path / "cifar10-jpeg.npz").is_file()
+    again = load_dataset("cifar10-jpeg", root=tmp_path)
+    assert again.fingerprint == d.fingerprint and torch.equal(again.test_x, d.test_x)
+
+
+def test_missing_data_sets_say_where_they_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYMLIB_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr("asymlib.data.REPO_ROOT", tmp_path)
+    with pytest.raises(DataUnavailable, match=r"cifar10-jpeg.*looked in.*nowhere.*ASYMLIB_DATA"):
+        load_dataset("cifar10-jpeg", root=tmp_path)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataUnavailable, match=r"'cifar10' needs torchvision"):
+            load_dataset("cifar10", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown data set 'imagenet'; accepted: cifar10"):
+        load_dataset("imagenet")
+
+
+def test_digits_ship_offline():
+    d = load_dataset("digits")
+    assert d.in_shape == (1, 8, 8) and d.num_classes == 10 and len(d.train_y) + len(d.test_y) == 1797
+
+
+def test_training_learns_and_records_everything(tarball, store):
+    run = train(small(tarball, spec="Input - dense16 - dense3", epochs=6, rules={}), store, progress=False)
+    h = run.history
+    assert run.status == "completed" and list(h.epoch) == list(range(1, 7))
+    assert h.test_acc.iloc[-1] > 0.9 and h.train_loss.iloc[-1] < h.train_loss.iloc[0]
+    rec = store.load(run.config)
+    assert rec["env"]["dataset"] == f"folder:{tarball}" and len(rec["env"]["dataset_fingerprint"]) == 16
+    assert {"git_sha", "torch", "device_name"} <= set(rec["env"])
+    assert set(h.alignment.iloc[0]) == {"1", "3"}
+    assert {"angle_BW", "angle_delta", "sign_concordance", "norm_ratio"} <= set(h.alignment.iloc[0]["1"])
+
+
+def test_same_seed_same_history(tarball, tmp_path):
+    a = train(small(tarball), ResultStore(tmp_path / "a"), progress=False)
+    b = train(small(tarball), ResultStore(tmp_path / "b"), progress=False)
+    c = train(small(tarball, seed=1), ResultStore(tmp_path / "c"), progress=False)
+    pd.testing.assert_frame_equal(strip(a.history), strip(b.history))
+    assert not strip(a.history).equals(strip(c.history))
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_history(tarball, tmp_path):
+    whole = train(small(tarball), ResultStore(tmp_path / "whole"), progress=False)
+    store = ResultStore(tmp_path / "killed")
+
+    def kill(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small(tarball), store, progress=False, on_epoch_end=kill)
+    assert store.load(small(tarball)) is None and store.checkpoint_path(small(tarball)).is_file()
+    epochs_run = []
+    resumed = train(small(tarball), store, progress=False, on_epoch_end=lambda e, r: epochs_run.append(e))
+    assert epochs_run == [3, 4]
+    pd.testing.assert_frame_equal(strip(resumed.history), strip(whole.history))
+    assert not store.checkpoint_path(small(tarball)).exists()
+
+
+def test_stored_run_is_loaded_without_training(tarball, store, monkeypatch):
+    first = train(small(tarball), store, progress=False)
+
+    def no_training(*a, **k):
+        raise AssertionError("a stored run must not be rebuilt or trained")
+
+    monkeypatch.setattr(train_mod, "build", no_training)
+    monkeypatch.setattr(train_mod, "load_dataset", no_training)
+    again = train(small(tarball, name="another label", device="cpu"), store, progress=False)
+    assert again.loaded and not first.loaded
+    pd.testing.assert_frame_equal(again.history, first.history)
+
+
+def test_huge_learning_rate_ends_diverged_not_with_an_exception(tarball, store):
+    run = train(small(tarball, optimizer="sgd", lr=1e30, rules={}), store, progress=False)
+    assert run.status == "diverged" and run.diverged_epoch == len(run.history) <= 4
+    assert store.load(run.config)["status"] == "diverged"
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("dataset", "imagenet", "unknown data set 'imagenet'; accepted"),
+    ("optimizer", "rmsprop", "unknown optimizer 'rmsprop'; accepted: adam, sgd, nesterov, bm"),
+    ("epochs", -3, "epochs must be an integer >= 1"),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("lr", -1.0, "lr must be a positive number"),
+    ("spec", "Input - dense10 - densy", "bad spec token 'densy'"),
+    ("rules", {"R": "nope"}, "unknown feedback rule 'nope'"),
+    ("profile", "huge", "unknown profile 'huge'"),
+])
+def test_bad_config_values_are_clear_errors(tarball, field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        small(tarball, **{field: value})
+
+
+def test_run_table_gives_mean_std_n_over_seeds(tarball10, store):
+    tarball = tarball10
+    summary, hist = run_table("table1", "quick", seeds=2, epochs=2, dataset=f"folder:{tarball}",
+                              device="cpu", store=store, progress=False, only=["DS0", "DSR1-HL"])
+    assert list(summary.row) == ["DS0", "DSR1-HL"]
+    assert (summary.n == 2).all() and summary["std"].notna().all()
+    assert list(summary.report) == [50.06, 48.83] and (summary.profile == "quick").all()
+    assert set(hist.seed) == {0, 1} and len(hist) == 2 * 2 * 2
+    s2, _ = run_table("table1", "quick", seeds=2, epochs=2, dataset=f"folder:{tarball}", device="cpu",
+                      store=store, progress=False, only=["DS0", "DSR1-HL"])
+    pd.testing.assert_frame_equal(s2, summary)
+
+
+def test_cli_run_and_errors(tarball, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("asymlib.train.ResultStore", lambda: ResultStore(tmp_path / "r"))
+    rc = cli(["run", "--spec", "Input - dense8 - dense3(R)", "--dataset", f"folder:{tarball}", "--epochs", "2",
+              "--batch-size", "6", "--rule", "R=usf", "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("completed") and "test_acc=" in out
+    assert cli(["run", "--spec", "Input - dense8 - dense3", "--dataset", "nope", "--no-progress"]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["run", "--spec", "x", "--optimizer", "rmsprop"])
