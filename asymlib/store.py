@@ -2,7 +2,7 @@
 
 A run is identified by the hash of its config (:meth:`asymlib.train.Config.key`): everything that
 changes its numbers, not its label, profile name or device. A run's file is
-``results/<dataset>/<key>.json``; while it trains, ``<key>.ckpt.pt`` beside it holds the last
+``results/<profile>/<dataset>/<key>.json``; while it trains, ``<key>.ckpt.pt`` beside it holds the last
 finished epoch (model, optimizer and RNG states), so a killed run resumes where it stopped.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,13 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-@lru_cache(maxsize=1)
 def git_sha() -> str:
-    """The repository's commit, with ``-dirty`` when asymlib/ has uncommitted changes."""
+    """The repository's commit when asymlib was imported (the code that runs), with ``-dirty``
+    when asymlib/ had uncommitted changes then."""
+    return _GIT_SHA
+
+
+def _read_git_sha() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -61,6 +65,9 @@ def git_sha() -> str:
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_GIT_SHA = _read_git_sha()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -82,7 +89,9 @@ class ResultStore:
         self.root = Path(root) if root is not None else REPO_ROOT / "results"
 
     def path(self, config) -> Path:
-        return self.root / config.dataset.replace("/", "_").replace(":", "_") / f"{config.key()}.json"
+        """``<root>/<profile>/<dataset>/<key>.json`` (``results/quick/`` is not committed)."""
+        dataset = re.sub(r"[^\w.\-]+", "_", config.dataset)
+        return self.root / config.profile / dataset / f"{config.key()}.json"
 
     def checkpoint_path(self, config) -> Path:
         return self.path(config).with_suffix(".ckpt.pt")
@@ -115,4 +124,4 @@ class ResultStore:
 
     def records(self) -> list[dict]:
         """Every stored run (for the book's tables)."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/*.json"))]
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/*/*.json"))]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .builder import build, parse_spec
 from .data import DATASETS, TensorData, load_dataset

@@ -1,0 +1,134 @@
+"""The book: run every chapter with papermill, then build the HTML with Jupyter Book 1.x.
+
+    python -m asymlib.book [--profile auto|quick|cpu|full] [--only 01_gradient_math] [--no-html]
+    python -m asymlib.book --sync      # write _config.yml's repository URL into the Colab cells
+
+The executed chapters and a copy of ``_config.yml``, ``_toc.yml`` and ``book/`` go to
+``_build/book/`` (the build input); the HTML to ``_build/book/_build/html/``.
+Chapters also import :func:`chapter_profile` and :func:`provenance` from here.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from .data import REPO_ROOT
+from .store import ResultStore
+from .train import Config, Run
+
+__all__ = ["chapter_profile", "provenance", "chapters", "repository_url", "sync_colab_cells", "build"]
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+BUILD = REPO_ROOT / "_build" / "book"
+PROFILES = ("quick", "cpu", "full")
+
+
+def chapter_profile(profile: str, grid: Callable[[str], Iterable[Config]],
+                    store: ResultStore | None = None) -> str:
+    """``auto`` becomes the best profile whose whole grid is stored (full, then cpu), else quick."""
+    if profile in PROFILES:
+        return profile
+    if profile != "auto":
+        raise ValueError(f"unknown profile {profile!r}; accepted: auto, {', '.join(PROFILES)}")
+    store = store or ResultStore()
+    for p in ("full", "cpu"):
+        if all(store.load(c) is not None for c in grid(p)):
+            return p
+    return "quick"
+
+
+def provenance(runs: Iterable[Run]) -> pd.DataFrame:
+    """Which run produced which number: one line per run."""
+    return pd.DataFrame([{
+        "run": r.config.name or r.config.spec, "seed": r.config.seed, "status": r.status,
+        "dataset": r.env.get("dataset", r.config.dataset), "profile": r.config.profile,
+        "epochs": f"{len(r.history)}/{r.config.epochs}", "device": r.env.get("device_name"),
+        "git": str(r.env.get("git_sha", ""))[:10], "final test acc %": 100 * r.final["test_acc"],
+        "stored": "loaded" if r.loaded else "trained now"} for r in runs])
+
+
+def chapters() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def repository_url(config: Path = REPO_ROOT / "_config.yml") -> str:
+    """``repository: url:`` of the book's ``_config.yml``."""
+    m = re.search(r"^repository:\s*\n(?:\s+.*\n)*?\s+url:\s*(\S+)", config.read_text(), re.M)
+    if not m:
+        raise ValueError(f"{config} has no repository: url: entry")
+    return m.group(1)
+
+
+_URL_LINE = re.compile(r'(REPO_URL = ")[^"]*(")')
+
+
+def sync_colab_cells(url: str | None = None) -> list[Path]:
+    """Set ``REPO_URL`` in every chapter's cell tagged ``colab``; returns the notebooks changed."""
+    import nbformat
+    url = url or repository_url()
+    changed = []
+    for path in chapters():
+        nb = nbformat.read(path, as_version=4)
+        cells = [c for c in nb.cells if "colab" in c.metadata.get("tags", [])]
+        if not cells:
+            raise ValueError(f"{path.name} has no cell tagged 'colab' (its Colab install cell)")
+        new = _URL_LINE.sub(lambda m: m.group(1) + url + m.group(2), cells[0].source)
+        if new != cells[0].source:
+            cells[0].source = new
+            nbformat.write(nb, path)
+            changed.append(path)
+    return changed
+
+
+def build(profile: str = "auto", only: list[str] | None = None, html: bool = True,
+          out: Path = BUILD) -> Path:
+    """Execute the chapters with papermill into ``out``, then build the HTML there."""
+    import papermill
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(REPO_ROOT / name, out / name)
+    shutil.copytree(REPO_ROOT / "book", out / "book", dirs_exist_ok=True)
+    (out / "notebooks").mkdir(exist_ok=True)
+    for nb in chapters():
+        if only and nb.stem not in only:
+            if not (out / "notebooks" / nb.name).exists():
+                shutil.copy2(nb, out / "notebooks" / nb.name)
+            continue
+        print(f"executing {nb.name} (profile={profile})", flush=True)
+        papermill.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"profile": profile},
+                                   cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
+    if html:
+        jb = Path(sys.executable).parent / "jupyter-book"
+        cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(out)]
+        subprocess.run(cmd, check=True)
+    return out / "_build" / "html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m asymlib.book", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+                    help="profile every chapter runs in (auto: the best stored, else quick)")
+    ap.add_argument("--only", nargs="*", help="execute only these chapters (file stems)")
+    ap.add_argument("--no-html", action="store_true", help="execute the chapters, skip Jupyter Book")
+    ap.add_argument("--sync", action="store_true", help="only write _config.yml's repository URL into "
+                    "the chapters' Colab cells")
+    a = ap.parse_args(argv)
+    if a.sync:
+        for p in sync_colab_cells():
+            print(f"updated {p.name}")
+        return 0
+    html = build(a.profile, a.only, not a.no_html)
+    print(f"book: {html / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
