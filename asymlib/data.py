@@ -29,7 +29,20 @@ from torch import Tensor
 __all__ = ["TensorData", "load_dataset", "DATASETS", "DataUnavailable", "find_cifar10_jpeg",
            "read_image_tar", "read_image_folder", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _project_root() -> Path:
+    """Where ``data/`` and ``results/`` live: ``$ASYMLIB_HOME``, else the source checkout asymlib was
+    imported from (``pip install -e .``), else the current folder (a plain install, e.g. in Colab)."""
+    if os.environ.get("ASYMLIB_HOME"):
+        return Path(os.environ["ASYMLIB_HOME"]).resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "_config.yml").is_file():
+        return checkout
+    return Path.cwd()
+
+
+REPO_ROOT = _project_root()
 DATASETS = ("cifar10", "cifar10-jpeg", "cifar100", "svhn", "stl10", "mnist", "fashion-mnist", "digits")
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -1,0 +1,39 @@
+"""The chapters' contract with the book pipeline (no execution here; nbval runs them)."""
+import re
+
+import nbformat
+import pytest
+
+from asymlib.book import chapter_profile, chapters, repository_url
+from asymlib.store import ResultStore
+from asymlib.train import Config
+
+REQUIRED = ("profile", "dataset", "device", "seeds", "epochs")
+
+
+@pytest.mark.parametrize("path", chapters(), ids=lambda p: p.stem)
+def test_chapter_has_one_parameters_cell_and_a_guarded_colab_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "exactly one cell tagged 'parameters'"
+    names = set(re.findall(r"^(\w+)\s*=", params[0].source, re.M))
+    assert set(REQUIRED) <= names, f"parameters cell lacks {set(REQUIRED) - names}"
+    colab = code[0]
+    assert "colab" in colab.metadata.get("tags", []), "the first code cell installs asymlib in Colab"
+    assert '"google.colab" in sys.modules' in colab.source
+    assert f'REPO_URL = "{repository_url()}"' in colab.source, "run python -m asymlib.book --sync"
+    assert "--no-deps" in colab.source, "Colab's torch must not be reinstalled"
+
+
+def test_auto_profile_is_the_best_stored_else_quick(tmp_path):
+    store = ResultStore(tmp_path)
+    grid = lambda p: [Config(spec="Input - dense10", dataset="digits", profile=p, epochs=1)]
+    assert chapter_profile("auto", grid, store) == "quick"
+    store.save(grid("cpu")[0], {"status": "completed"})
+    assert chapter_profile("auto", grid, store) == "cpu"
+    store.save(grid("full")[0], {"status": "completed"})
+    assert chapter_profile("auto", grid, store) == "full"
+    assert chapter_profile("quick", grid, store) == "quick"
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        chapter_profile("fast", grid, store)
