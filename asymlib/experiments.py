@@ -5,9 +5,10 @@ Profiles:
 
 * ``full``  -- the paper's protocol: full training set, the paper's epochs, 3 seeds (a GPU's job).
 * ``cpu``   -- what 2 CPU cores finish in about an hour per chapter: full training set, the table's
-  ``cpu_epochs`` (Table 1 keeps the report's 100 epochs).
-* ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs, batch 100; checks that the
-  whole grid runs, says nothing about accuracy.
+  ``cpu_epochs`` (Table 1 keeps the report's 100 epochs; Table 2: 10, Poggio's net: 3, the
+  untied nets: 1 -- an untied epoch takes about 10 minutes on one core).
+* ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs (1 for untied nets), batch 100;
+  checks that the whole grid runs, says nothing about accuracy.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import pandas as pd
 from .store import ResultStore
 from .train import Config, Run, train
 
-__all__ = ["Row", "Table", "TABLES", "profile_config", "run_table", "summarize"]
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "summarize",
+           "alignment_frame", "get_table"]
 
 
 @dataclass(frozen=True)
@@ -39,29 +41,28 @@ class Table:
     epochs: int                      # the paper's (full profile)
     cpu_epochs: int
     dataset: str = "cifar10-jpeg"
+    quick_epochs: int = 2
     base: dict = field(default_factory=dict)
 
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
                 dataset: str | None = None, device: str = "auto") -> list[Config]:
+        """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
+        if epochs is None:
+            epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
         return [profile_config(Config(spec=r.spec, name=r.label, dataset=dataset or self.dataset,
                                       epochs=self.epochs, seed=seed, device=device,
-                                      **{**self.base, **r.overrides}),
-                               profile, self.cpu_epochs if epochs is None else epochs,
-                               explicit_epochs=epochs is not None)
+                                      **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
 
 
-def profile_config(cfg: Config, profile: str, cpu_epochs: int | None = None,
-                   explicit_epochs: bool = False) -> Config:
-    """Derive a profile from the paper's (``full``) config."""
-    if profile == "full":
-        return cfg.replace(profile="full")
-    if profile == "cpu":
-        return cfg.replace(profile="cpu", epochs=cpu_epochs or cfg.epochs)
+def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Config:
+    """Derive a profile from the paper's (``full``) config; ``epochs`` replaces its epochs."""
+    if profile not in ("quick", "cpu", "full"):
+        raise ValueError(f"unknown profile {profile!r}; accepted: quick, cpu, full")
+    cfg = cfg.replace(profile=profile, epochs=epochs or cfg.epochs)
     if profile == "quick":
-        return cfg.replace(profile="quick", epochs=cpu_epochs if explicit_epochs else 2,
-                           train_subset=1000, test_subset=1000, batch_size=100, metrics_every=1)
-    raise ValueError(f"unknown profile {profile!r}; accepted: quick, cpu, full")
+        cfg = cfg.replace(train_subset=1000, test_subset=1000, batch_size=100)
+    return cfg
 
 
 def _report_rows(specs: dict[str, str], numbers: dict[str, tuple]) -> tuple[Row, ...]:
@@ -104,7 +105,7 @@ TABLE2 = Table(
          "DD0-HL": (51.67,), "DDR1-HL": (30.42, 39.34), "DDR2-HL": (29.27, 29.63),
          "DDR4-HL": (28.86, 26.36), "DDR1-U-HL": (40.46, 45.86), "DDR2-U-HL": (35.83, 45.43),
          "DDR4-U-HL": (39.65, 43.93)}),
-    epochs=200, cpu_epochs=20)
+    epochs=200, cpu_epochs=10)
 
 # --- Table 3: Poggio's net (report §3), 100/200/300 epochs ------------------------------------------
 _PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
@@ -122,7 +123,7 @@ TABLE3 = Table(
          "PGR1-U": (28.32, 53.77, 67.48), "PGR2-U": (27.44, 45.61, 57.95), "PG0-HL": (75.12,),
          "PGR1-HL": (28.85, 40.38, 54.10), "PGR2-HL": (30.93, 39.02, 40.55),
          "PGR1-U-HL": (28.27, 50.89, 62.07), "PGR2-U-HL": (31.52, 34.49, 43.31)}),
-    epochs=300, cpu_epochs=5)
+    epochs=300, cpu_epochs=3)
 
 # --- Table 4: untied convolution (report §4.1), 200 epochs ------------------------------------------
 _UT = _PG.replace("Conv", "Untied")
@@ -134,9 +135,41 @@ TABLE4 = Table(
         ("PG-Untie-R2", _UT.format("(R)", "(R)", "crossentropy"), 38.70),
         ("PG-Untie-R1-U", _UT.format("", "(R*)", "crossentropy"), 60.87),
         ("PG-Untie-R2-U", _UT.format("(R*)", "(R*)", "crossentropy"), 34.61)]),
-    epochs=200, cpu_epochs=3)
+    epochs=200, cpu_epochs=1, quick_epochs=1)
 
-TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4)}
+# --- Report §3's text: optimizers and pooling with random feedback in Poggio's net ------------------
+_PG_MAX = _PG.replace("Avgpool", "Maxpool")
+POGGIO_CLAIMS = Table(
+    "poggio-claims", "Poggio's net: SGD, Nesterov and max pooling (report §3, text)",
+    "report §3 text (SGD with R in the last layer: 68%; epochs not stated)",
+    (Row("PGR1-SGD", _PG.format("", "(R)", "crossentropy"), {100: 68.0}, {"optimizer": "sgd"}),
+     Row("PGR2-SGD", _PG.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "sgd"}),
+     Row("PG0-Nesterov", _PG.format("", "", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR1-Nesterov", _PG.format("", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov", _PG.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov-maxpool", _PG_MAX.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov-U", _PG.format("(R*)", "(R*)", "crossentropy"), {}, {"optimizer": "nesterov"})),
+    epochs=100, cpu_epochs=3)
+
+# --- Report §4.2: random feedback inside the untied conv layers ------------------------------------
+_UT_R = ("Input - Untied5*5*32/1{a} - Maxpool3*3/2 - Untied5*5*64/1{a} - Avgpool3*3/2 - Untied5*5*64/1{a} - "
+         "Avgpool3*3/2 - dense128{a} - dense10{a} - softmax - crossentropy")
+UNTIED_FEEDBACK = Table(
+    "untied-feedback", "Random feedback inside untied convolutions (report §4.2)",
+    "report §4.2 (no numbers: 'the loss function become intractable')",
+    (Row("PG-Untie-Rall", _UT_R.format(a="(R)")), Row("PG-Untie-Rall-U", _UT_R.format(a="(R*)"))),
+    epochs=200, cpu_epochs=1, quick_epochs=1)
+
+# --- Report §5: clipping the asymmetric weight gradient (network not stated: the shallow dense nets) --
+CLIPPING = Table(
+    "clipping", "Clipping the asymmetric weight gradient (report §5)",
+    "report §5 (no numbers: 'all these modifications ruin the training')",
+    tuple(Row(f"{k}-clip{c:g}", TABLE1.rows[i].spec, {}, {"clip": c})
+          for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
+    epochs=100, cpu_epochs=20)
+
+TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
+                                                UNTIED_FEEDBACK, CLIPPING)}
 
 
 def get_table(name: str) -> Table:
@@ -165,13 +198,38 @@ def summarize(table: Table, runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+@dataclass
+class TableResult:
+    """What :func:`run_table` returns: the summary, every epoch of every run, and alignment."""
+
+    summary: pd.DataFrame
+    histories: pd.DataFrame          # row, seed, epoch, train/test loss and accuracy, status
+    alignment: pd.DataFrame          # row, seed, epoch, layer, angle_BW, angle_delta, ...
+    runs: dict
+
+    def __iter__(self):              # summary, histories = run_table(...)
+        return iter((self.summary, self.histories))
+
+
+def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
+    """The per-layer alignment metrics of every epoch, long form."""
+    rows = []
+    for (label, seed), r in runs.items():
+        for h in r.history.to_dict("records"):
+            metrics = h.get("alignment")
+            if not isinstance(metrics, dict):   # epochs without metrics, diverged epochs
+                continue
+            for layer, m in metrics.items():
+                rows.append({"row": label, "seed": seed, "epoch": h["epoch"], "layer": layer, **m})
+    return pd.DataFrame(rows)
+
+
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
-              progress: bool = True, only: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+              progress: bool = True, only: list[str] | None = None) -> TableResult:
     """Run (or load) every row of a table with each seed.
 
-    Returns ``(summary, histories)``: the per-row summary (:func:`summarize`) and every epoch of
-    every run in long form (row, seed, epoch, train/test loss and accuracy).
+    Returns a :class:`TableResult`; ``summary, histories = run_table(...)`` unpacks its first two.
     """
     table = get_table(name)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -181,8 +239,7 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
             if only and cfg.name not in only:
                 continue
             runs[(cfg.name, seed)] = train(cfg, store, progress=progress)
-    hist = []
-    for (label, seed), r in runs.items():
-        h = r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
-        hist.append(h)
-    return summarize(table, runs), (pd.concat(hist, ignore_index=True) if hist else pd.DataFrame())
+    hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
+            for (label, seed), r in runs.items()]
+    return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
+                       alignment_frame(runs), runs)

@@ -1,0 +1,135 @@
+"""What the reproduction chapters draw: the paper-vs-book table, learning curves, alignment angles
+and the verdict table. Every function takes results (a :class:`~asymlib.experiments.TableResult`),
+never numbers typed in.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .experiments import TableResult
+
+__all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment",
+           "verdict", "final_acc"]
+
+
+def comparison(res: TableResult) -> pd.DataFrame:
+    """report | this book (mean ± std) | n | Δ | data set | profile/epochs, and whether |Δ| > 2 std."""
+    s = res.summary
+    out = pd.DataFrame({
+        "row": s.row,
+        "report %": s.report.map(lambda v: "—" if pd.isna(v) else f"{v:.2f}"),
+        "report epochs": s.report_epochs.map(lambda v: "—" if pd.isna(v) else int(v)),
+        "this book %": [("diverged" if n == 0 and d else f"{m:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}"))
+                        for m, sd, n, d in zip(s["mean"], s["std"], s.n, s.diverged)],
+        "n seeds": s.n, "diverged": s.diverged,
+        "Δ (pts)": s.delta.map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
+        "data set": s.dataset, "profile / epochs": s.profile + " / " + s.epochs.astype(str),
+    })
+    out["gap > 2 std"] = [(not pd.isna(dl)) and (not pd.isna(sd)) and abs(dl) > 2 * sd
+                          for dl, sd in zip(s.delta, s["std"])]
+    return out
+
+
+def style_comparison(df: pd.DataFrame):
+    """Rows whose gap to the report exceeds 2 std in orange (n = 1 rows have no std: unmarked)."""
+    return df.style.apply(lambda r: ["background-color: #ffe0b2" if r["gap > 2 std"] else "" for _ in r],
+                          axis=1).hide(axis="index")
+
+
+def final_acc(res: TableResult, row: str) -> float:
+    """Mean final test accuracy (%) of a row over its completed seeds (NaN if none completed)."""
+    s = res.summary.set_index("row")
+    return float(s.loc[row, "mean"]) if row in s.index else math.nan
+
+
+def plot_accuracy(res: TableResult, title: str, rows: list[str] | None = None, ax=None):
+    """Test accuracy vs epoch for every row (mean over seeds, band: min-max)."""
+    h = res.histories
+    rows = rows or list(res.summary.row)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        d = h[h.row == row].groupby("epoch").test_acc
+        if d.ngroups == 0:
+            continue
+        m = d.mean()
+        line, = ax.plot(m.index, 100 * m, label=row, marker="o" if len(m) < 12 else None, ms=3)
+        if h[h.row == row].seed.nunique() > 1:
+            ax.fill_between(m.index, 100 * d.min(), 100 * d.max(), alpha=0.15, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy [%]")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.figure.tight_layout()
+    return ax
+
+
+def plot_train_test_loss(res: TableResult, title: str, rows: list[str] | None = None):
+    """Train (solid) and test (dashed) loss vs epoch: the gap is overfitting."""
+    h = res.histories
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows or list(res.summary.row):
+        d = h[h.row == row].groupby("epoch")[["train_loss", "test_loss"]].mean()
+        if d.empty:
+            continue
+        line, = ax.plot(d.index, d.train_loss, label=f"{row} train")
+        ax.plot(d.index, d.test_loss, ls="--", color=line.get_color(), label=f"{row} test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return ax
+
+
+def plot_alignment(res: TableResult, title: str, rows: list[str] | None = None):
+    """Angle between each layer's delta and backprop's, over training, for rows with random feedback."""
+    a = res.alignment
+    if a.empty or "angle_delta" not in a:
+        return None
+    rows = rows or [r for r in a.row.unique() if (a[a.row == r].angle_delta > 1e-3).any()]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        d = a[a.row == row]
+        for layer in sorted(d.layer.unique(), key=int):
+            m = d[d.layer == layer].groupby("epoch").angle_delta.mean()
+            if (m > 1e-3).any():
+                ax.plot(m.index, m, label=f"layer {layer}", marker="o" if len(m) < 12 else None, ms=3)
+        ax.axhline(90, color="gray", lw=1, ls="--")
+        ax.set_title(row, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("∠(delta, backprop delta) [deg]")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def verdict(claim: str, holds, evidence: str) -> dict:
+    """One line of a verdict table. ``holds`` is a bool, None (not testable from these runs) or a
+    list of such checks: all true -> reproduced, all false -> not reproduced, mixed -> partly."""
+    if isinstance(holds, (list, tuple)):
+        known = [bool(h) for h in holds if h is not None]
+        holds = None if not known else (True if all(known) else False if not any(known) else "partly")
+    elif holds is not None:
+        holds = bool(holds)
+    status = {None: "not tested here", True: "reproduced", False: "not reproduced", "partly": "partly"}[holds]
+    return {"claim": claim, "verdict": status, "evidence": evidence}
+
+
+def diff_text(res: TableResult, a: str, b: str) -> str:
+    """'a 50.1 vs b 44.2' from the summary."""
+    return f"{a} {final_acc(res, a):.1f}% vs {b} {final_acc(res, b):.1f}%"
+
+
+def less(res: TableResult, a: str, b: str) -> bool | None:
+    """Is row a's final accuracy below row b's? None when either is missing."""
+    x, y = final_acc(res, a), final_acc(res, b)
+    return None if (np.isnan(x) or np.isnan(y)) else bool(x < y)
