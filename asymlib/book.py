@@ -10,6 +10,7 @@ Chapters also import :func:`chapter_profile` and :func:`provenance` from here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -23,7 +24,8 @@ from .data import REPO_ROOT
 from .store import ResultStore
 from .train import Config, Run
 
-__all__ = ["chapter_profile", "provenance", "chapters", "repository_url", "sync_colab_cells", "build"]
+__all__ = ["Chapter", "chapter_profile", "provenance", "chapters", "repository_url", "sync_colab_cells",
+           "build"]
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BUILD = REPO_ROOT / "_build" / "book"
@@ -42,6 +44,42 @@ def chapter_profile(profile: str, grid: Callable[[str], Iterable[Config]],
         if all(store.load(c) is not None for c in grid(p)):
             return p
     return "quick"
+
+
+@dataclasses.dataclass
+class Chapter:
+    """A reproduction chapter's ``parameters`` cell, and the tables it runs with them.
+
+        ch = Chapter(profile, dataset, device, seeds, epochs).resolve("table1")
+        t1 = ch.run("table1")       # stored runs are loaded, the others trained and stored
+    """
+
+    profile: str = "auto"
+    dataset: str | None = None       # None: each table's own
+    device: str = "auto"
+    seeds: int = 1
+    epochs: int | None = None
+
+    def grid(self, *tables: str) -> Callable[[str], list[Config]]:
+        """Profile -> every config of ``tables`` (all seeds)."""
+        from .experiments import get_table
+        return lambda p: [c for name in tables for s in range(self.seeds)
+                          for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device)]
+
+    def resolve(self, *tables: str) -> "Chapter":
+        """Turn ``auto`` into the best profile whose runs of ``tables`` are all stored, else quick."""
+        self.profile = chapter_profile(self.profile, self.grid(*tables))
+        return self
+
+    def run(self, table: str):
+        from .experiments import run_table
+        return run_table(table, self.profile, self.seeds, self.epochs, self.dataset, self.device, progress=False)
+
+    def banner(self) -> str:
+        if self.profile == "quick":
+            return ("QUICK PROFILE: 1,000 training images and 1-2 epochs -- a smoke test of the pipeline. "
+                    "Its accuracies and verdicts say nothing about the report; rerun with profile='cpu' or 'full'.")
+        return f"Profile {self.profile!r}: full training set; epochs, data set and device of every run below."
 
 
 def provenance(runs: Iterable[Run]) -> pd.DataFrame:
