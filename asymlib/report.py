@@ -98,10 +98,10 @@ def plot_alignment(res: TableResult, title: str, rows: list[str] | None = None):
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), sharey=True, squeeze=False)
     for ax, row in zip(axes[0], rows):
         d = a[a.row == row]
-        for layer in sorted(d.layer.unique(), key=int):
+        for pos, layer in enumerate(sorted(d.layer.unique(), key=int)):
             m = d[d.layer == layer].groupby("epoch").angle_delta.mean()
-            if (m > 1e-3).any():
-                ax.plot(m.index, m, label=f"layer {layer}", marker="o" if len(m) < 12 else None, ms=3)
+            if (m > 1e-3).any():   # the output layer's own delta is exact: not drawn
+                ax.plot(m.index, m, label=f"weight layer {pos + 1}", marker="o" if len(m) < 12 else None, ms=3)
         ax.axhline(90, color="gray", lw=1, ls="--")
         ax.set_title(row, fontsize=9)
         ax.set_xlabel("epoch")
