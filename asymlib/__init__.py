@@ -11,7 +11,7 @@ from .metrics import alignment, angle, delta_alignment, weight_alignment
 from .optim import BatchManhattan, clip_asymmetric_grads, make_optimizer
 from .rules import RULES, FeedbackRule, get_rule
 from .data import load_dataset
-from .train import Config, Run, train
+from .training import Config, Run, train
 from .experiments import TABLES, run_table
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .data import REPO_ROOT
 from .store import ResultStore
-from .train import Config, Run
+from .training import Config, Run
 
 __all__ = ["Chapter", "chapter_profile", "provenance", "chapters", "repository_url", "sync_colab_cells",
            "build"]

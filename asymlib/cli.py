@@ -12,7 +12,7 @@ import pandas as pd
 
 from .experiments import TABLES, run_table
 from .optim import OPTIMIZERS
-from .train import Config, train
+from .training import Config, train
 
 
 def _rules(items: list[str]) -> tuple[dict[str, str], str | None]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .store import ResultStore
-from .train import Config, Run, train
+from .training import Config, Run, train
 
 __all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "summarize",
            "alignment_frame", "get_table"]

@@ -1,6 +1,6 @@
 """The result store: one small JSON per run under ``results/``, written atomically.
 
-A run is identified by the hash of its config (:meth:`asymlib.train.Config.key`): everything that
+A run is identified by the hash of its config (:meth:`asymlib.training.Config.key`): everything that
 changes its numbers, not its label, profile name or device. A run's file is
 ``results/<profile>/<dataset>/<key>.json``; while it trains, ``<key>.ckpt.pt`` beside it holds the last
 finished epoch (model, optimizer and RNG states), so a killed run resumes where it stopped.

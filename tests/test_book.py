@@ -6,7 +6,7 @@ import pytest
 
 from asymlib.book import chapter_profile, chapters, repository_url
 from asymlib.store import ResultStore
-from asymlib.train import Config
+from asymlib.training import Config
 
 REQUIRED = ("profile", "dataset", "device", "seeds", "epochs")
 

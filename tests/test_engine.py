@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-import asymlib.train as train_mod
+import asymlib.training as train_mod
 from asymlib.cli import main as cli
 from asymlib.data import DataUnavailable, load_dataset
 from asymlib.experiments import run_table
 from asymlib.store import ResultStore
-from asymlib.train import Config, train
+from asymlib.training import Config, train
 
 CLASSES = ["airplane", "automobile", "bird"]
 
@@ -182,7 +182,7 @@ def test_run_table_gives_mean_std_n_over_seeds(tarball10, store):
 
 
 def test_cli_run_and_errors(tarball, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("asymlib.train.ResultStore", lambda: ResultStore(tmp_path / "r"))
+    monkeypatch.setattr("asymlib.training.ResultStore", lambda: ResultStore(tmp_path / "r"))
     rc = cli(["run", "--spec", "Input - dense8 - dense3(R)", "--dataset", f"folder:{tarball}", "--epochs", "2",
               "--batch-size", "6", "--rule", "R=usf", "--device", "cpu", "--no-progress"])
     out = capsys.readouterr().out
