@@ -50,8 +50,11 @@ def chapter_profile(profile: str, grid: Callable[[str], Iterable[Config]],
 class Chapter:
     """A reproduction chapter's ``parameters`` cell, and the tables it runs with them.
 
-        ch = Chapter(profile, dataset, device, seeds, epochs).resolve("table1")
+        ch = Chapter(profile, dataset, device, seeds, epochs)
         t1 = ch.run("table1")       # stored runs are loaded, the others trained and stored
+
+    With ``profile="auto"`` each table runs in the best profile whose runs of *that table* are all
+    stored (full, then cpu), else quick; ``ch.profiles`` records which profile each table used.
     """
 
     profile: str = "auto"
@@ -59,6 +62,7 @@ class Chapter:
     device: str = "auto"
     seeds: int = 1
     epochs: int | None = None
+    profiles: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def grid(self, *tables: str) -> Callable[[str], list[Config]]:
         """Profile -> every config of ``tables`` (all seeds)."""
@@ -66,20 +70,17 @@ class Chapter:
         return lambda p: [c for name in tables for s in range(self.seeds)
                           for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device)]
 
-    def resolve(self, *tables: str) -> "Chapter":
-        """Turn ``auto`` into the best profile whose runs of ``tables`` are all stored, else quick."""
-        self.profile = chapter_profile(self.profile, self.grid(*tables))
-        return self
-
     def run(self, table: str):
         from .experiments import run_table
-        return run_table(table, self.profile, self.seeds, self.epochs, self.dataset, self.device, progress=False)
+        profile = self.profiles[table] = chapter_profile(self.profile, self.grid(table))
+        return run_table(table, profile, self.seeds, self.epochs, self.dataset, self.device, progress=False)
 
     def banner(self) -> str:
-        if self.profile == "quick":
-            return ("QUICK PROFILE: 1,000 training images and 1-2 epochs -- a smoke test of the pipeline. "
-                    "Its accuracies and verdicts say nothing about the report; rerun with profile='cpu' or 'full'.")
-        return f"Profile {self.profile!r}: full training set; epochs, data set and device of every run below."
+        lines = [f"{table}: {p} profile" + (" -- QUICK: 1,000 training images, 1-2 epochs, a smoke test of the "
+                                             "pipeline whose accuracies and verdicts say nothing about the report"
+                                             if p == "quick" else " (full training set)")
+                 for table, p in self.profiles.items()]
+        return "\n".join(lines)
 
 
 def provenance(runs: Iterable[Run]) -> pd.DataFrame:

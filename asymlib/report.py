@@ -12,7 +12,7 @@ import pandas as pd
 
 from .experiments import TableResult
 
-__all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment",
+__all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
            "verdict", "final_acc"]
 
 
@@ -133,3 +133,10 @@ def less(res: TableResult, a: str, b: str) -> bool | None:
     """Is row a's final accuracy below row b's? None when either is missing."""
     x, y = final_acc(res, a), final_acc(res, b)
     return None if (np.isnan(x) or np.isnan(y)) else bool(x < y)
+
+
+def acc_at(res: TableResult, row: str, epoch: int) -> float:
+    """Mean test accuracy (%) of a row at a given epoch (NaN if that epoch was not run)."""
+    h = res.histories
+    d = h[(h.row == row) & (h.epoch == epoch)].test_acc
+    return 100 * float(d.mean()) if len(d) else math.nan
