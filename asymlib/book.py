@@ -4,7 +4,7 @@
     python -m asymlib.book --sync      # write _config.yml's repository URL into the Colab cells
 
 The executed chapters and a copy of ``_config.yml``, ``_toc.yml`` and ``book/`` go to
-``_build/book/`` (the build input); the HTML to ``_build/book/_build/html/``.
+``_build/src/`` (the build input); the HTML to ``_build/html/``.
 Chapters also import :func:`chapter_profile` and :func:`provenance` from here.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["Chapter", "chapter_profile", "provenance", "chapters", "repository_u
            "build"]
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
-BUILD = REPO_ROOT / "_build" / "book"
+BUILD_SRC = REPO_ROOT / "_build" / "src"
 PROFILES = ("quick", "cpu", "full")
 
 
@@ -127,27 +127,28 @@ def sync_colab_cells(url: str | None = None) -> list[Path]:
 
 
 def build(profile: str = "auto", only: list[str] | None = None, html: bool = True,
-          out: Path = BUILD) -> Path:
-    """Execute the chapters with papermill into ``out``, then build the HTML there."""
+          src: Path = BUILD_SRC, path_output: Path = REPO_ROOT) -> Path:
+    """Execute the chapters with papermill into ``src``, then build the HTML into
+    ``path_output/_build/html`` (returned)."""
     import papermill
-    out.mkdir(parents=True, exist_ok=True)
+    src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
-        shutil.copy2(REPO_ROOT / name, out / name)
-    shutil.copytree(REPO_ROOT / "book", out / "book", dirs_exist_ok=True)
-    (out / "notebooks").mkdir(exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, src / name)
+    shutil.copytree(REPO_ROOT / "book", src / "book", dirs_exist_ok=True)
+    (src / "notebooks").mkdir(exist_ok=True)
     for nb in chapters():
         if only and nb.stem not in only:
-            if not (out / "notebooks" / nb.name).exists():
-                shutil.copy2(nb, out / "notebooks" / nb.name)
+            if not (src / "notebooks" / nb.name).exists():
+                shutil.copy2(nb, src / "notebooks" / nb.name)
             continue
         print(f"executing {nb.name} (profile={profile})", flush=True)
-        papermill.execute_notebook(str(nb), str(out / "notebooks" / nb.name), parameters={"profile": profile},
+        papermill.execute_notebook(str(nb), str(src / "notebooks" / nb.name), parameters={"profile": profile},
                                    cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
     if html:
         jb = Path(sys.executable).parent / "jupyter-book"
-        cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(out)]
-        subprocess.run(cmd, check=True)
-    return out / "_build" / "html"
+        subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(src),
+                        "--path-output", str(path_output)], check=True)
+    return path_output / "_build" / "html"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    html = build(profile="quick", out=tmp_path_factory.mktemp("book"))
+    out = tmp_path_factory.mktemp("book")
+    html = build(profile="quick", src=out / "src", path_output=out)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
