@@ -42,13 +42,14 @@ class _FeedbackFunction(torch.autograd.Function):
         rule = layer.rule
         x, W = ctx.saved_tensors
         G = G.contiguous()
-        gx = None
-        if ctx.needs_input_grad[1]:
-            if layer.exact:  # metrics: the true backprop delta, same weights, same batch
-                gx = layer.grad_input(G, W, x.shape)
-            else:
-                gx = rule.input_grad(layer, G, x)
-        gW = layer.grad_weight(x, G)
+        need_x = ctx.needs_input_grad[1]
+        if layer.exact or type(rule).input_grad is FeedbackRule.input_grad:
+            # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
+            B = W if layer.exact else rule.feedback(layer)
+            gx, gW = layer.grads(x, G, B, need_x)
+        else:  # a rule with its own delta (DFA)
+            gx = rule.input_grad(layer, G, x) if need_x else None
+            gW = layer.grad_weight(x, G)
         gb = layer.grad_bias(G) if ctx.has_bias else None
         return (None, gx, rule.weight_grad(layer, gW), gb, *rule.feedback_grads(layer, gW))
 
@@ -96,6 +97,10 @@ class FeedbackLayer(nn.Module):
 
     def grad_bias(self, G: Tensor) -> Tensor:
         return G.sum(dim=[d for d in range(G.dim()) if d != 1])
+
+    def grads(self, x: Tensor, G: Tensor, B: Tensor, need_input: bool) -> tuple[Tensor | None, Tensor]:
+        """(input gradient through B or None, weight gradient); layers may fuse the two."""
+        return (self.grad_input(G, B, x.shape) if need_input else None), self.grad_weight(x, G)
 
     def in_features_total(self) -> int:
         """Number of input units per example (sizes DFA's matrices)."""
@@ -190,6 +195,14 @@ class Conv2d(FeedbackLayer):
 
     def grad_weight(self, x, G):
         return torch.nn.grad.conv2d_weight(x, self.weight.shape, G, self.stride, self.padding)
+
+    def grads(self, x, G, B, need_input):
+        # one fused call: the weight gradient depends on the kernel's shape only, so passing B
+        # gives delta = B^T * G and grad W = G * x together, as torch's own conv backward does
+        gx, gW, _ = torch.ops.aten.convolution_backward(
+            G, x, B.to(G.dtype), None, self.stride, self.padding, (1, 1), False, (0, 0), 1,
+            (need_input, True, False))
+        return gx, gW
 
     def in_features_total(self):
         if self.input_size is None:
