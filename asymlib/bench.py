@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .builder import build
-from .layers import Conv2d, Linear, feedback_layers
+from .layers import Conv2d, Linear
+from .rules import ErrorTap
 from .optim import make_optimizer
 
 NETS = {
@@ -37,7 +38,7 @@ def plain_torch(model: nn.Module) -> nn.Module:
         elif isinstance(m, Conv2d):
             t = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                           bias=m.bias is not None)
-        elif type(m).__name__ == "ErrorTap":
+        elif isinstance(m, ErrorTap):  # DFA's output tap: identity forward
             continue
         else:
             mods.append(m)
