@@ -6,7 +6,8 @@ Profiles:
 * ``full``  -- the paper's protocol: full training set, the paper's epochs, 3 seeds (a GPU's job).
 * ``cpu``   -- what 2 CPU cores finish in about an hour per chapter: full training set, the table's
   ``cpu_epochs`` (Table 1 keeps the report's 100 epochs; Table 2: 10, Poggio's net: 3, the
-  untied nets: 1 -- an untied epoch takes about 10 minutes on one core).
+  untied nets: 1 -- an untied epoch takes about 10 minutes on one core). Liao's conv grid (24 rows)
+  trains on 10,000 images (``cpu_train_subset``) for 3 epochs.
 * ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs (1 for untied nets), batch 100;
   checks that the whole grid runs, says nothing about accuracy.
 """
@@ -20,7 +21,7 @@ import pandas as pd
 from .store import ResultStore
 from .training import Config, Run, train
 
-__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "summarize",
+__all__ = ["Row", "Table", "TABLES", "LIAO_RULES", "LIAO_P", "liao_label", "TableResult", "profile_config", "run_table", "summarize",
            "alignment_frame", "get_table"]
 
 
@@ -43,16 +44,20 @@ class Table:
     dataset: str = "cifar10-jpeg"
     quick_epochs: int = 2
     base: dict = field(default_factory=dict)
+    cpu_train_subset: int | None = None   # the cpu profile trains on this many images (None: all)
 
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
                 dataset: str | None = None, device: str = "auto") -> list[Config]:
         """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
         if epochs is None:
             epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
-        return [profile_config(Config(spec=r.spec, name=r.label, dataset=dataset or self.dataset,
+        cfgs = [profile_config(Config(spec=r.spec, name=r.label, dataset=dataset or self.dataset,
                                       epochs=self.epochs, seed=seed, device=device,
                                       **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
+        if profile == "cpu" and self.cpu_train_subset:
+            cfgs = [c.replace(train_subset=self.cpu_train_subset) for c in cfgs]
+        return cfgs
 
 
 def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Config:
@@ -168,8 +173,37 @@ CLIPPING = Table(
           for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
     epochs=100, cpu_epochs=20)
 
+# --- Liao, Leibo & Poggio 2016: sign-concordant feedback, Batch Manhattan, batch normalization -------
+#: The feedback rules of the {BN off, on} x {SGD, BM} grid, and the partial concordances swept
+#: (with BN and BM; p = 1 is frSF, in the grid).
+LIAO_RULES = ("bp", "usf", "brsf", "frsf", "fa")
+LIAO_P = (0.0, 0.25, 0.5, 0.75)
+
+
+def liao_label(rule: str, batch_norm: bool, optimizer: str) -> str:
+    """``"usf+BN+BM"``: the rule, then BN if batch norm is on, then the optimizer."""
+    return f"{rule}{'+BN' if batch_norm else ''}+{optimizer.upper()}"
+
+
+def _liao_rows(spec: str) -> tuple[Row, ...]:
+    grid = [(r, bn, opt) for r in LIAO_RULES for bn in (False, True) for opt in ("sgd", "bm")]
+    grid += [(f"psf({p:g})", True, "bm") for p in LIAO_P]
+    return tuple(Row(liao_label(r, bn, opt), spec, {}, {"rule": r, "batch_norm": bn, "optimizer": opt})
+                 for r, bn, opt in grid)
+
+
+_LIAO_SRC = "Liao, Leibo & Poggio 2016 (abstract: no per-setting numbers; 100 epochs is this book's choice)"
+LIAO_MLP = Table(
+    "liao-mlp", "Sign concordance, BM and BN in an MLP (Liao et al. 2016)", _LIAO_SRC,
+    _liao_rows("Input - dense512 - dense256 - dense10 - softmax - crossentropy"),
+    epochs=100, cpu_epochs=10, dataset="fashion-mnist", base={"batch_size": 100})
+LIAO_CONV = Table(
+    "liao-conv", "Sign concordance, BM and BN in Poggio's net (Liao et al. 2016)", _LIAO_SRC,
+    _liao_rows(_PG.format("", "", "crossentropy")),
+    epochs=100, cpu_epochs=3, dataset="cifar10-jpeg", base={"batch_size": 100}, cpu_train_subset=10_000)
+
 TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
-                                                UNTIED_FEEDBACK, CLIPPING)}
+                                                UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV)}
 
 
 def get_table(name: str) -> Table:
@@ -194,6 +228,7 @@ def summarize(table: Table, runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
         lines.append({"row": row.label, "report": report, "report_epochs": rep_epoch,
                       "mean": mean, "std": std, "n": len(finals), "diverged": sum(r.status == "diverged" for r in rs),
                       "delta": mean - report, "epochs": epochs, "dataset": rs[0].config.dataset,
+                      "n_train": rs[0].env.get("n_train"),
                       "profile": rs[0].config.profile, "device": rs[0].env.get("device_name", "?")})
     return pd.DataFrame(lines)
 

@@ -27,7 +27,8 @@ def comparison(res: TableResult) -> pd.DataFrame:
                         for m, sd, n, d in zip(s["mean"], s["std"], s.n, s.diverged)],
         "n seeds": s.n, "diverged": s.diverged,
         "Δ (pts)": s.delta.map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
-        "data set": s.dataset, "profile / epochs": s.profile + " / " + s.epochs.astype(str),
+        "data set": s.dataset, "train images": s.n_train.map(lambda v: "?" if pd.isna(v) else f"{int(v):,}"),
+        "profile / epochs": s.profile + " / " + s.epochs.astype(str),
     })
     out["gap > 2 std"] = [(not pd.isna(dl)) and (not pd.isna(sd)) and abs(dl) > 2 * sd
                           for dl, sd in zip(s.delta, s["std"])]
