@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
 from .experiments import TableResult
 
 __all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
-           "verdict", "final_acc"]
+           "verdict", "final_acc", "final_by_seed", "cell_text", "grid_table", "plot_sweep", "plot_alignment_rows"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
@@ -62,6 +63,7 @@ def plot_accuracy(res: TableResult, title: str, rows: list[str] | None = None, a
         if h[h.row == row].seed.nunique() > 1:
             ax.fill_between(m.index, 100 * d.min(), 100 * d.max(), alpha=0.15, color=line.get_color())
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy [%]")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
@@ -106,6 +108,7 @@ def plot_alignment(res: TableResult, title: str, rows: list[str] | None = None):
         ax.axhline(90, color="gray", lw=1, ls="--")
         ax.set_title(row, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("∠(delta, backprop delta) [deg]")
     fig.suptitle(title, fontsize=10)
@@ -141,3 +144,81 @@ def acc_at(res: TableResult, row: str, epoch: int) -> float:
     h = res.histories
     d = h[(h.row == row) & (h.epoch == epoch)].test_acc
     return 100 * float(d.mean()) if len(d) else math.nan
+
+
+def final_by_seed(res: TableResult, row: str) -> pd.Series:
+    """Final test accuracy (%) of each seed of a row (NaN for a diverged seed), indexed by seed."""
+    h = res.histories[res.histories.row == row]
+    return 100 * h.sort_values("epoch").groupby("seed").test_acc.last()
+
+
+def cell_text(res: TableResult, row: str) -> str:
+    """``"83.1 ± 0.4"`` (mean ± std over completed seeds), ``"diverged"``, or ``"—"`` if not run."""
+    s = res.summary.set_index("row")
+    if row not in s.index:
+        return "—"
+    m, sd, n, d = s.loc[row, ["mean", "std", "n", "diverged"]]
+    if n == 0:
+        return "diverged" if d else "—"
+    return f"{m:.1f}" + ("" if pd.isna(sd) else f" ± {sd:.1f}") + (f" ({int(d)} diverged)" if d else "")
+
+
+def grid_table(res: TableResult, labels: dict[tuple[str, str], str]) -> pd.DataFrame:
+    """A rows x columns table of final test accuracy from ``{(row name, column name): run label}``."""
+    rows = list(dict.fromkeys(r for r, _ in labels))
+    cols = list(dict.fromkeys(c for _, c in labels))
+    return pd.DataFrame([[cell_text(res, labels[(r, c)]) if (r, c) in labels else "" for c in cols]
+                         for r in rows], index=rows, columns=cols)
+
+
+def plot_sweep(res: TableResult, x_of_row: dict[str, float], title: str, xlabel: str,
+               refs: dict[str, str] | None = None, ax=None):
+    """Final test accuracy against a swept quantity: a dot per seed, a line through the means.
+    ``refs`` ({label: row}) are drawn as horizontal dashed lines at their mean."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    xs, means = [], []
+    for row, x in sorted(x_of_row.items(), key=lambda kv: kv[1]):
+        acc = final_by_seed(res, row)
+        if acc.empty:
+            continue
+        ax.scatter([x] * len(acc), acc, color="C0", s=14, alpha=0.6)
+        xs.append(x)
+        means.append(acc.mean())
+    ax.plot(xs, means, color="C0", marker="o", label="mean over seeds")
+    for i, (label, row) in enumerate((refs or {}).items()):
+        m = final_acc(res, row)
+        if not math.isnan(m):
+            ax.axhline(m, ls="--", lw=1, color=f"C{i + 1}", label=f"{label} ({m:.1f}%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final test accuracy [%]")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax
+
+
+def plot_alignment_rows(res: TableResult, rows: list[str], metric: str = "angle_BW", title: str = "",
+                        ax=None):
+    """``metric`` (``angle_BW`` or ``angle_delta``) over training, one line per row: the mean over
+    seeds and over the layers where it is not trivially 0 (backprop layers; the output layer's own
+    delta, which is exact)."""
+    a = res.alignment
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        d = a[(a.row == row)] if not a.empty and metric in a else a
+        if d.empty:
+            continue
+        nontrivial = d.groupby("layer")[metric].transform(lambda v: (v > 1e-3).any())
+        m = d[nontrivial.astype(bool)].groupby("epoch")[metric].mean()
+        if len(m):
+            ax.plot(m.index, m, label=row, marker="o" if len(m) < 12 else None, ms=3)
+    ax.axhline(90, color="gray", lw=1, ls="--")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel({"angle_BW": "∠(B, W) [deg]", "angle_delta": "∠(delta, backprop delta) [deg]"}.get(metric, metric))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax

@@ -191,3 +191,38 @@ def test_cli_run_and_errors(tarball, tmp_path, monkeypatch, capsys):
     assert "unknown data set 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["run", "--spec", "x", "--optimizer", "rmsprop"])
+
+
+def test_liao_grids_cover_rules_settings_and_the_p_sweep():
+    from asymlib.experiments import LIAO_P, LIAO_RULES, get_table, liao_label
+    for name, dataset in (("liao-mlp", "fashion-mnist"), ("liao-conv", "cifar10-jpeg")):
+        t = get_table(name)
+        labels = [r.label for r in t.rows]
+        assert len(labels) == len(set(labels)) == 4 * len(LIAO_RULES) + len(LIAO_P) == 24
+        assert liao_label("usf", True, "bm") == "usf+BN+BM" and "usf+BN+BM" in labels
+        cfg = {c.name: c for c in t.configs("full")}
+        assert cfg["frsf+SGD"].rule == "frsf" and not cfg["frsf+SGD"].batch_norm
+        assert cfg["psf(0.25)+BN+BM"].rule == "psf(0.25)" and cfg["psf(0.25)+BN+BM"].optimizer == "bm"
+        assert all(c.dataset == dataset and c.batch_size == 100 and c.train_subset is None for c in cfg.values())
+    # only the conv grid's cpu profile trains on a subset; quick stays 1,000 images
+    assert {c.train_subset for c in get_table("liao-conv").configs("cpu")} == {10_000}
+    assert {c.train_subset for c in get_table("liao-mlp").configs("cpu")} == {None}
+    assert {c.train_subset for c in get_table("liao-conv").configs("quick")} == {1000}
+
+
+def test_report_grid_and_sweep_read_the_runs(tarball10, store):
+    import matplotlib
+    matplotlib.use("Agg")
+    from asymlib.report import cell_text, final_by_seed, grid_table, plot_alignment_rows, plot_sweep
+    res = run_table("table1", "quick", seeds=2, epochs=1, dataset=f"folder:{tarball10}", device="cpu",
+                    store=store, progress=False, only=["DS0", "DSR1"])
+    acc = final_by_seed(res, "DS0")
+    assert list(acc.index) == [0, 1] and ((acc >= 0) & (acc <= 100)).all()
+    assert cell_text(res, "DS0") == f"{acc.mean():.1f} ± {acc.std():.1f}" and cell_text(res, "nope") == "—"
+    g = grid_table(res, {("a", "x"): "DS0", ("b", "x"): "DSR1", ("b", "y"): "DS0"})
+    assert g.loc["b", "y"] == cell_text(res, "DS0") and g.loc["a", "y"] == ""
+    ax = plot_sweep(res, {"DS0": 0.0, "DSR1": 1.0}, "t", "p", {"ref": "DS0"})
+    assert len(ax.collections) == 2 and ax.lines[0].get_xdata().tolist() == [0.0, 1.0]
+    ax = plot_alignment_rows(res, ["DS0", "DSR1"], "angle_delta")
+    labels = [l.get_label() for l in ax.lines]
+    assert "DSR1" in labels and "DS0" not in labels   # backprop's delta angle is 0 everywhere: not drawn
