@@ -29,6 +29,7 @@ from torch import nn
 
 from .layers import Conv2d, FeedbackLayer, Linear, LocallyConnected2d, feedback_layers
 from .losses import get_loss
+from .models import named_model
 from .rules import DirectFeedback, FeedbackRule, get_rule
 
 __all__ = ["build", "Network", "FeedbackNet", "parse_spec", "REPORT_CONV_PADDING", "DEFAULT_MARKS"]
@@ -161,7 +162,10 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     """Build the network a spec describes, and its loss.
 
     Args:
-        spec: e.g. ``"Input - dense512 - dense256(R) - dense10(R) - softmax - crossentropy"``.
+        spec: e.g. ``"Input - dense512 - dense256(R) - dense10(R) - softmax - crossentropy"``, or
+            a model of :mod:`asymlib.models` by name: ``"resnet18"``, ``"resnet20"``,
+            ``"resnet18/imagenet"``, ``"alexnet@0.5"``, ``"plain6x32"`` (batch norm built in,
+            cross-entropy; ``rule`` and ``keep_last_bp`` apply, marks do not).
         in_shape: ``(C, H, W)`` of an example (or ``(F,)`` for flat data).
         num_classes: the last layer must have this many units.
         rules: what each mark means, e.g. ``{"R": "fa", "R*": "kp"}`` (merged over :data:`DEFAULT_MARKS`).
@@ -176,6 +180,9 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     Returns:
         ``Network(model, loss)``.
     """
+    factory = named_model(spec)
+    if factory is not None:   # "resnet18", "alexnet", "plain6x32": asymlib.models, always with batch norm
+        return Network(factory(tuple(in_shape), num_classes, rule, keep_last_bp), get_loss("crossentropy"))
     tokens = parse_spec(spec)
     marks_map = dict(DEFAULT_MARKS, **(rules or {}))
     if not (isinstance(num_classes, int) and num_classes > 0):

@@ -13,6 +13,7 @@ with the rule; batch norm, pooling and the residual additions keep exact backpro
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from .convert import RuleChoice, convert
 
-__all__ = ["resnet", "alexnet", "plain_convnet", "BasicBlock", "ResNet", "RESNET_STAGES"]
+__all__ = ["resnet", "alexnet", "plain_convnet", "named_model", "BasicBlock", "ResNet", "RESNET_STAGES"]
 
 #: blocks per stage of the ImageNet-family ResNets (He et al. 2016)
 RESNET_STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -143,3 +144,28 @@ def plain_convnet(depth: int, width: int = 32, num_classes: int = 10, rule: Rule
             w *= 2
     net = nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
     return _finish(net, rule, keep_last_bp, in_channels, in_size)
+
+
+_NAMED = re.compile(r"^(?:(?P<resnet>resnet-?(?P<depth>\d+))|(?P<alexnet>alexnet)|plain-?(?P<pdepth>\d+)x(?P<pwidth>\d+))"
+                    r"(?:/(?P<stem>cifar|imagenet))?(?:@(?P<width>\d+(?:\.\d+)?))?$")
+
+
+def named_model(name: str):
+    """``"resnet18"``, ``"resnet20"``, ``"resnet18/imagenet"``, ``"resnet18@16"`` (base width 16),
+    ``"alexnet"``, ``"alexnet@0.5"``, ``"plain6x32"``: a factory ``(in_shape, num_classes, rule,
+    keep_last_bp) -> model``, or None when ``name`` is not a model name (then it is a layer spec)."""
+    m = _NAMED.match(name.strip().lower()) if isinstance(name, str) else None
+    if m is None:
+        return None
+    stem, width = m["stem"] or "cifar", m["width"]
+
+    def factory(in_shape, num_classes, rule, keep_last_bp):
+        if len(in_shape) != 3 or in_shape[1] != in_shape[2]:
+            raise ValueError(f"model {name!r} needs square images (C, H, H), got input shape {tuple(in_shape)}")
+        kw = dict(rule=rule, keep_last_bp=keep_last_bp, in_channels=in_shape[0], in_size=in_shape[1])
+        if m["resnet"]:
+            return resnet(int(m["depth"]), num_classes, stem=stem, width=int(float(width)) if width else None, **kw)
+        if m["alexnet"]:
+            return alexnet(num_classes, stem=stem, width=float(width or 1.0), **kw)
+        return plain_convnet(int(m["pdepth"]), int(m["pwidth"]), num_classes, **kw)
+    return factory

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .builder import build, parse_spec
+from .models import named_model
 from .data import DATASETS, TensorData, load_dataset
 from .losses import get_loss
 from .metrics import alignment
@@ -98,7 +99,8 @@ class Config:
             raise ValueError(f"unknown profile {self.profile!r}; accepted: {', '.join(PROFILES)}")
         if self.loss is not None:
             get_loss(self.loss)
-        parse_spec(self.spec)
+        if named_model(self.spec) is None:
+            parse_spec(self.spec)
         for mark, r in self.rules.items():
             if mark not in ("R", "R*"):
                 raise ValueError(f"rules maps the spec's marks R and R*, got mark {mark!r}")

@@ -111,3 +111,17 @@ def test_model_shapes_and_sizes():
     assert len(fl) == 6 and list(fl.values())[-1].rule.name == "bp" and pc(x).shape == (2, 10)
     with pytest.raises(ValueError, match="6n\\+2"):
         resnet(19)
+
+
+def test_named_models_build_and_train_through_the_engine(tmp_path):
+    from asymlib import Config, build, train
+    from asymlib.store import ResultStore
+    net, loss = build("plain3x4", (1, 8, 8), 10, rule="usf", keep_last_bp=True)
+    fl = list(layers.feedback_layers(net))
+    assert len(fl) == 4 and fl[0][1].rule.name == "usf" and fl[-1][1].rule.name == "bp"
+    assert isinstance(build("resnet20@4", (3, 32, 32), 10).model, ResNet)
+    with pytest.raises(ValueError, match="square images"):
+        build("resnet18", (64,), 10)
+    run = train(Config(spec="plain2x4", dataset="digits", rule="fa", epochs=1, batch_size=64, device="cpu"),
+                ResultStore(tmp_path), progress=False)
+    assert run.status == "completed" and 0 <= run.final["test_acc"] <= 1
