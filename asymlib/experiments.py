@@ -21,7 +21,8 @@ import pandas as pd
 from .store import ResultStore
 from .training import Config, Run, train
 
-__all__ = ["Row", "Table", "TABLES", "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label", "TableResult", "profile_config", "run_table", "summarize",
+__all__ = ["Row", "Table", "TABLES", "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
+           "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED", "TableResult", "profile_config", "run_table", "summarize",
            "alignment_frame", "get_table"]
 
 
@@ -208,8 +209,51 @@ LIAO_PUBLISHED: dict[str, tuple[str, float]] = {
     "mnist": ("error %", 0.91), "cifar10": ("accuracy %", 80.98), "cifar100": ("accuracy %", 48.75),
     "stl10": ("accuracy %", 57.32), "svhn": ("error %", 10.16)}
 
+# --- Every rule on the same footing: the leaderboard (chapter 7) -------------------------------------
+#: The rules of the leaderboard, in the order the chapter lists them.
+LEADERBOARD_RULES = ("bp", "fa", "fa-updated", "kp", "usf", "brsf", "frsf", "dfa", "pfa")
+#: The MLPs of the leaderboard by depth (weight layers): the report's DS0 and DD, and 8 hidden layers.
+LEADERBOARD_MLPS = {
+    "DS0": _DS.format("", "", "crossentropy"),
+    "DD": _dd("", "", "", "", "ce"),
+    "D9": "Input - " + " - ".join(["dense256"] * 8) + " - dense10 - softmax - crossentropy",
+}
+
+
+def _rule_rows(specs: dict[str, str], rules=LEADERBOARD_RULES, **overrides) -> tuple[Row, ...]:
+    """``"DD/fa"``: one row per (network, rule), the rule in every layer."""
+    return tuple(Row(f"{net}/{r}", spec, {}, {"rule": r, **overrides}) for net, spec in specs.items() for r in rules)
+
+
+_LB_SRC = "this book (same protocol for every rule: Adam 1e-3, batch 500, no biases, Glorot init)"
+LEADERBOARD_MLP = Table("leaderboard-mlp", "Every rule in the report's MLPs and a deeper one", _LB_SRC,
+                        _rule_rows(LEADERBOARD_MLPS), epochs=100, cpu_epochs=10)
+LEADERBOARD_POGGIO = Table("leaderboard-poggio", "Every rule in Poggio's net", _LB_SRC,
+                           _rule_rows({"Poggio": _PG.format("", "", "crossentropy")}),
+                           epochs=100, cpu_epochs=3, quick_epochs=1, cpu_train_subset=10_000)
+LEADERBOARD_RESNET = Table("leaderboard-resnet20", "Every rule in a ResNet-20", _LB_SRC,
+                           _rule_rows({"ResNet-20": "resnet20"}),
+                           epochs=100, cpu_epochs=2, quick_epochs=1, cpu_train_subset=10_000)
+#: PFA's expansion ratio k (n_mid = k * out), with FA (no learned feedback) and bp for reference.
+PFA_SWEEP = Table("pfa-sweep", "PFA: the expansion ratio", "Li & Benna 2024 (expansion ratio); this book's runs",
+                  _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("bp", "fa", "pfa(1)", "pfa(2)", "pfa(5)", "pfa(10)")),
+                  epochs=100, cpu_epochs=10, dataset="fashion-mnist")
+#: KP with and without its decay, under plain SGD (lr 0.01, batch 100), where B - W shrinks by
+#: (1 - lr * decay) every step.
+KP_DECAY = Table("kp-decay", "Kolen-Pollack: the decay makes B converge to W", "Akrout et al. 2019; this book's runs",
+                 _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("kp(0)", "kp(0.01)", "kp(0.1)"), optimizer="sgd"),
+                 epochs=100, cpu_epochs=10, dataset="fashion-mnist", base={"batch_size": 100})
+
+#: BioTorch's published CIFAR-10 top-1 *error* (%) with SGD (Sanfiz & Akrout 2021, "Benchmarking the
+#: Accuracy and Robustness of Feedback Alignment Algorithms"): theirs, not run here.
+BIOTORCH_PUBLISHED: dict[str, dict[str, float]] = {
+    "ResNet-20": {"bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2},
+    "LeNet": {"bp": 14.23, "fa": 46.69, "dfa": 54.21, "usf": 16.22, "brsf": 16.02, "frsf": 16.86},
+}
+
 TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
-                                                UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV)}
+                                                UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV, LEADERBOARD_MLP,
+                                                LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY)}
 
 
 def get_table(name: str) -> Table:

@@ -14,7 +14,8 @@ import pandas as pd
 from .experiments import TableResult
 
 __all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
-           "verdict", "final_acc", "final_by_seed", "cell_text", "grid_table", "plot_sweep", "plot_alignment_rows"]
+           "verdict", "final_acc", "final_by_seed", "cell_text", "grid_table", "plot_sweep", "plot_alignment_rows",
+           "relative_step_time", "final_layer_angles"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
@@ -222,3 +223,25 @@ def plot_alignment_rows(res: TableResult, rows: list[str], metric: str = "angle_
     ax.legend(fontsize=7)
     ax.figure.tight_layout()
     return ax
+
+
+def relative_step_time(res: TableResult, row: str, ref: str) -> float:
+    """Median time of one training step (forward, backward, update) of ``row`` over its epochs and
+    seeds, divided by ``ref``'s (NaN where a run has no ``step_seconds``)."""
+    h = res.histories
+    if "step_seconds" not in h:
+        return math.nan
+    t = lambda r: h[h.row == r].step_seconds.median()
+    return float(t(row) / t(ref))
+
+
+def final_layer_angles(res: TableResult, row: str, metric: str = "angle_delta") -> pd.Series:
+    """``metric`` at the last epoch per weight layer, mean over seeds, indexed 1 (input layer), 2, ..."""
+    a = res.alignment
+    if a.empty or metric not in a:
+        return pd.Series(dtype=float)
+    d = a[a.row == row]
+    d = d[d.epoch == d.epoch.max()]
+    order = list(dict.fromkeys(d.layer))          # the network's order (feedback_layers)
+    m = d.groupby("layer")[metric].mean().reindex(order)
+    return pd.Series(m.values, index=range(1, len(m) + 1), name=row)

@@ -240,8 +240,9 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
             opt.step()
             loss_sum += loss.detach().double()
             correct += (out.detach().argmax(1) == y).sum()
-        train_loss = float(loss_sum) / n_batches
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / (n_batches * bs)}
+        train_loss = float(loss_sum) / n_batches   # (synchronizes the device: the epoch's steps are done)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / (n_batches * bs),
+               "step_seconds": (time.perf_counter() - t0) / n_batches}   # forward+backward+update, per batch
         if not math.isfinite(train_loss):
             status, diverged_epoch = "diverged", epoch + 1
             row.update(test_loss=math.nan, test_acc=math.nan, seconds=time.perf_counter() - t0)

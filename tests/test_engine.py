@@ -226,3 +226,26 @@ def test_report_grid_and_sweep_read_the_runs(tarball10, store):
     ax = plot_alignment_rows(res, ["DS0", "DSR1"], "angle_delta")
     labels = [l.get_label() for l in ax.lines]
     assert "DSR1" in labels and "DS0" not in labels   # backprop's delta angle is 0 everywhere: not drawn
+
+
+def test_leaderboard_tables_put_every_rule_on_every_net():
+    from asymlib.experiments import LEADERBOARD_RULES, get_table
+    mlp = get_table("leaderboard-mlp")
+    assert len(mlp.rows) == 3 * len(LEADERBOARD_RULES) == 27
+    assert {c.rule for c in mlp.configs("cpu")} == set(LEADERBOARD_RULES)
+    assert all(c.optimizer == "adam" and c.batch_size == 500 and c.epochs == 10 for c in mlp.configs("cpu"))
+    rn = get_table("leaderboard-resnet20").configs("cpu")
+    assert {c.spec for c in rn} == {"resnet20"} and {c.train_subset for c in rn} == {10_000}
+    kp = get_table("kp-decay").configs("full")
+    assert [c.rule for c in kp] == ["kp(0)", "kp(0.01)", "kp(0.1)"] and {c.optimizer for c in kp} == {"sgd"}
+
+
+def test_step_time_and_layer_angles_come_from_the_runs(tarball10, store):
+    from asymlib.report import final_layer_angles, relative_step_time
+    res = run_table("table1", "quick", seeds=1, epochs=2, dataset=f"folder:{tarball10}", device="cpu",
+                    store=store, progress=False, only=["DS0", "DSR2"])
+    assert (res.histories.step_seconds > 0).all()
+    assert relative_step_time(res, "DS0", "DS0") == 1.0 and relative_step_time(res, "DSR2", "DS0") > 0
+    ang = final_layer_angles(res, "DSR2")
+    assert list(ang.index) == [1, 2, 3] and ang[3] < 1e-3 < ang[1]      # output layer exact, below rotated
+    assert (final_layer_angles(res, "DS0") < 1e-3).all()                # float32 round-off only
