@@ -7,7 +7,7 @@ Profiles:
 * ``cpu``   -- what 2 CPU cores finish in about an hour per chapter: full training set, the table's
   ``cpu_epochs`` (Table 1 keeps the report's 100 epochs; Table 2: 10, Poggio's net: 3, the
   untied nets: 1 -- an untied epoch takes about 10 minutes on one core). Liao's conv grid (24 rows)
-  trains on 10,000 images (``cpu_train_subset``) for 3 epochs.
+  trains on 10,000 images (``profile_overrides``) for 3 epochs.
 * ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs (1 for untied nets), batch 100;
   checks that the whole grid runs, says nothing about accuracy.
 """
@@ -45,7 +45,9 @@ class Table:
     dataset: str = "cifar10-jpeg"
     quick_epochs: int = 2
     base: dict = field(default_factory=dict)
-    cpu_train_subset: int | None = None   # the cpu profile trains on this many images (None: all)
+    #: Config fields a profile changes beyond its defaults, e.g. ``{"cpu": {"train_subset": 10_000}}``
+    #: (train on 10,000 images) or ``{"quick": {"spec": "resnet18@16"}}`` (a narrower smoke test)
+    profile_overrides: dict = field(default_factory=dict)
 
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
                 dataset: str | None = None, device: str = "auto") -> list[Config]:
@@ -56,8 +58,8 @@ class Table:
                                       epochs=self.epochs, seed=seed, device=device,
                                       **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
-        if profile == "cpu" and self.cpu_train_subset:
-            cfgs = [c.replace(train_subset=self.cpu_train_subset) for c in cfgs]
+        if self.profile_overrides.get(profile):
+            cfgs = [c.replace(**self.profile_overrides[profile]) for c in cfgs]
         return cfgs
 
 
@@ -174,6 +176,9 @@ CLIPPING = Table(
           for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
     epochs=100, cpu_epochs=20)
 
+#: the cpu profile of the conv grids trains on 10,000 of the 50,000 training images
+_CPU_10K = {"cpu": {"train_subset": 10_000}}
+
 # --- Liao, Leibo & Poggio 2016: sign-concordant feedback, Batch Manhattan, batch normalization -------
 #: The feedback rules of the {BN off, on} x {SGD, BM} grid, and the partial concordances swept
 #: (with BN and BM; p = 1 is frSF, in the grid).
@@ -202,7 +207,7 @@ LIAO_CONV = Table(
     "liao-conv", "Sign concordance, BM and BN in Poggio's net (Liao et al. 2016)", _LIAO_SRC,
     _liao_rows(_PG.format("", "", "crossentropy")),
     epochs=100, cpu_epochs=3, quick_epochs=1, dataset="cifar10-jpeg", base={"batch_size": 100},
-    cpu_train_subset=10_000)
+    profile_overrides=_CPU_10K)
 
 #: Liao et al. 2016's published sign-symmetry benchmark rows (seed 004): data set -> (metric, value).
 LIAO_PUBLISHED: dict[str, tuple[str, float]] = {
@@ -230,10 +235,10 @@ LEADERBOARD_MLP = Table("leaderboard-mlp", "Every rule in the report's MLPs and 
                         _rule_rows(LEADERBOARD_MLPS), epochs=100, cpu_epochs=10)
 LEADERBOARD_POGGIO = Table("leaderboard-poggio", "Every rule in Poggio's net", _LB_SRC,
                            _rule_rows({"Poggio": _PG.format("", "", "crossentropy")}),
-                           epochs=100, cpu_epochs=3, quick_epochs=1, cpu_train_subset=10_000)
+                           epochs=100, cpu_epochs=3, quick_epochs=1, profile_overrides=_CPU_10K)
 LEADERBOARD_RESNET = Table("leaderboard-resnet20", "Every rule in a ResNet-20", _LB_SRC,
                            _rule_rows({"ResNet-20": "resnet20"}),
-                           epochs=100, cpu_epochs=2, quick_epochs=1, cpu_train_subset=10_000)
+                           epochs=100, cpu_epochs=2, quick_epochs=1, profile_overrides=_CPU_10K)
 #: PFA's expansion ratio k (n_mid = k * out), with FA (no learned feedback) and bp for reference.
 PFA_SWEEP = Table("pfa-sweep", "PFA: the expansion ratio", "Li & Benna 2024 (expansion ratio); this book's runs",
                   _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("bp", "fa", "pfa(1)", "pfa(2)", "pfa(5)", "pfa(10)")),
