@@ -256,9 +256,28 @@ BIOTORCH_PUBLISHED: dict[str, dict[str, float]] = {
     "LeNet": {"bp": 14.23, "fa": 46.69, "dfa": 54.21, "usf": 16.22, "brsf": 16.02, "frsf": 16.86},
 }
 
+# --- Xiao et al. 2018: sign symmetry vs feedback alignment in deep nets (chapter 8) ----------------
+def _xiao_rows(specs: dict[str, str]) -> tuple[Row, ...]:
+    """bp, then usf and fa each in every layer and with the last layer kept on backprop."""
+    return tuple(Row(f"{net}/{r}{'+last-bp' if keep else ''}", spec, {}, {"rule": r, "keep_last_bp": keep})
+                 for net, spec in specs.items()
+                 for r, keep in (("bp", False), ("usf", False), ("usf", True), ("fa", False), ("fa", True)))
+
+
+_XIAO_SRC = "Xiao et al. 2018 (ImageNet; the summary we reproduce from gives no numbers)"
+XIAO_RESNET = Table("xiao-resnet18", "Sign symmetry and feedback alignment in a ResNet-18", _XIAO_SRC,
+                    _xiao_rows({"ResNet-18": "resnet18"}), epochs=30, cpu_epochs=2, quick_epochs=1,
+                    base={"batch_size": 128},
+                    profile_overrides={**_CPU_10K, "quick": {"spec": "resnet18@8"}})
+XIAO_DEPTH = Table("xiao-depth", "Depth: plain conv nets of 2 to 8 conv layers, width 16", _XIAO_SRC,
+                   tuple(Row(f"plain{d}/{r}", f"plain{d}x16", {}, {"rule": r})
+                         for d in (2, 4, 6, 8) for r in ("bp", "usf", "fa")),
+                   epochs=30, cpu_epochs=3, quick_epochs=1, base={"batch_size": 128}, profile_overrides=_CPU_10K)
+
 TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
                                                 UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV, LEADERBOARD_MLP,
-                                                LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY)}
+                                                LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY,
+                                                XIAO_RESNET, XIAO_DEPTH)}
 
 
 def get_table(name: str) -> Table:
