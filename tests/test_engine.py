@@ -249,3 +249,17 @@ def test_step_time_and_layer_angles_come_from_the_runs(tarball10, store):
     ang = final_layer_angles(res, "DSR2")
     assert list(ang.index) == [1, 2, 3] and ang[3] < 1e-3 < ang[1]      # output layer exact, below rotated
     assert (final_layer_angles(res, "DS0") < 1e-3).all()                # float32 round-off only
+
+
+def test_xiao_grids_and_profile_overrides():
+    from asymlib.experiments import get_table
+    rn = get_table("xiao-resnet18")
+    full = {c.name: c for c in rn.configs("full")}
+    assert set(full) == {"ResNet-18/bp", "ResNet-18/usf", "ResNet-18/usf+last-bp", "ResNet-18/fa",
+                         "ResNet-18/fa+last-bp"}
+    assert full["ResNet-18/fa+last-bp"].keep_last_bp and not full["ResNet-18/fa"].keep_last_bp
+    assert {c.spec for c in full.values()} == {"resnet18"} and {c.epochs for c in full.values()} == {30}
+    assert {c.spec for c in rn.configs("quick")} == {"resnet18@8"}          # quick: a narrower smoke test
+    assert {c.train_subset for c in rn.configs("cpu")} == {10_000}
+    assert [c.spec for c in get_table("xiao-depth").configs("cpu")][::3] == ["plain2x16", "plain4x16",
+                                                                               "plain6x16", "plain8x16"]
