@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TensorData", "load_dataset", "DATASETS", "DataUnavailable", "find_cifar10_jpeg",
+__all__ = ["TensorData", "load_dataset", "DATASETS", "NUM_CLASSES", "DataUnavailable", "find_cifar10_jpeg",
            "read_image_tar", "read_image_folder", "REPO_ROOT"]
 
 
@@ -44,6 +44,8 @@ def _project_root() -> Path:
 
 REPO_ROOT = _project_root()
 DATASETS = ("cifar10", "cifar10-jpeg", "cifar100", "svhn", "stl10", "mnist", "fashion-mnist", "digits")
+#: classes of each named data set (``folder:`` data sets: as many as class folders)
+NUM_CLASSES = {name: 100 if name == "cifar100" else 10 for name in DATASETS}
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

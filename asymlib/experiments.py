@@ -13,11 +13,13 @@ Profiles:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from .data import NUM_CLASSES
 from .store import ResultStore
 from .training import Config, Run, train
 
@@ -54,13 +56,22 @@ class Table:
         """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
         if epochs is None:
             epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
-        cfgs = [profile_config(Config(spec=r.spec, name=r.label, dataset=dataset or self.dataset,
+        ds = dataset or self.dataset
+        cfgs = [profile_config(Config(spec=for_classes(r.spec, NUM_CLASSES.get(ds)), name=r.label, dataset=ds,
                                       epochs=self.epochs, seed=seed, device=device,
                                       **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
         if self.profile_overrides.get(profile):
             cfgs = [c.replace(**self.profile_overrides[profile]) for c in cfgs]
         return cfgs
+
+
+def for_classes(spec: str, num_classes: int | None) -> str:
+    """The spec with its last ``dense10`` widened to ``num_classes`` (the tables are written for 10
+    classes; cifar100 needs dense100). Named models and other specs pass unchanged."""
+    if not num_classes or num_classes == 10:
+        return spec
+    return re.sub(r"dense10(?=\b(?!.*\bdense\d))", f"dense{num_classes}", spec, flags=re.I)
 
 
 def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Config:

@@ -263,3 +263,13 @@ def test_xiao_grids_and_profile_overrides():
     assert {c.train_subset for c in rn.configs("cpu")} == {10_000}
     assert [c.spec for c in get_table("xiao-depth").configs("cpu")][::3] == ["plain2x16", "plain4x16",
                                                                                "plain6x16", "plain8x16"]
+
+
+def test_tables_widen_their_output_layer_for_cifar100():
+    from asymlib.experiments import for_classes, get_table
+    assert for_classes("Input - dense10 - dense10(R) - softmax - crossentropy", 100) == \
+        "Input - dense10 - dense100(R) - softmax - crossentropy"
+    assert for_classes("resnet20", 100) == "resnet20"
+    specs = {c.spec for c in get_table("liao-conv").configs("cpu", dataset="cifar100")}
+    assert all(s.endswith("dense128 - dense100 - softmax - crossentropy") for s in specs)
+    assert all(c.spec.endswith("dense10 - softmax - crossentropy") for c in get_table("liao-conv").configs("cpu"))
