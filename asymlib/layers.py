@@ -43,7 +43,7 @@ class _FeedbackFunction(torch.autograd.Function):
         x, W = ctx.saved_tensors
         G = G.contiguous()
         need_x = ctx.needs_input_grad[1]
-        if layer.exact or type(rule).input_grad is FeedbackRule.input_grad:
+        if layer.exact or not rule.direct:
             # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
             B = W if layer.exact else rule.feedback(layer)
             gx, gW = layer.grads(x, G, B, need_x)

@@ -79,6 +79,9 @@ class FeedbackRule:
     name: str = "?"
     #: True when the rule changes the input gradient (everything but ``bp``).
     asymmetric: bool = True
+    #: True when the rule computes the input gradient itself (:meth:`input_grad`, as DFA does) rather
+    #: than through the layer's own transposed map with B (which layers may fuse with ∇W).
+    direct: bool = False
 
     def bind(self, layer: "FeedbackLayer") -> None:
         """Register the rule's state on ``layer`` (called once, from the layer's constructor)."""
@@ -297,6 +300,7 @@ class DirectFeedback(FeedbackRule):
     """
 
     name = "dfa"
+    direct = True
 
     def __init__(self, num_classes: int = 10):
         if not (isinstance(num_classes, int) and num_classes > 0):
