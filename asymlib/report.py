@@ -14,8 +14,8 @@ import pandas as pd
 from .experiments import TableResult
 
 __all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
-           "verdict", "final_acc", "final_by_seed", "cell_text", "grid_table", "plot_sweep", "plot_alignment_rows",
-           "relative_step_time", "final_layer_angles"]
+           "verdict", "final_acc", "acc_text", "diff_text", "final_by_seed", "cell_text", "grid_table",
+           "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
@@ -129,9 +129,19 @@ def verdict(claim: str, holds, evidence: str) -> dict:
     return {"claim": claim, "verdict": status, "evidence": evidence}
 
 
+def acc_text(res: TableResult, row: str) -> str:
+    """``"50.1%"`` (mean final test accuracy), ``"diverged"`` when every seed diverged, ``"not run"``."""
+    s = res.summary.set_index("row")
+    if row not in s.index:
+        return "not run"
+    if s.loc[row, "n"] == 0:
+        return "diverged" if s.loc[row, "diverged"] else "not run"
+    return f"{s.loc[row, 'mean']:.1f}%"
+
+
 def diff_text(res: TableResult, a: str, b: str) -> str:
-    """'a 50.1 vs b 44.2' from the summary."""
-    return f"{a} {final_acc(res, a):.1f}% vs {b} {final_acc(res, b):.1f}%"
+    """'a 50.1% vs b 44.2%' from the summary."""
+    return f"{a} {acc_text(res, a)} vs {b} {acc_text(res, b)}"
 
 
 def less(res: TableResult, a: str, b: str) -> bool | None:
