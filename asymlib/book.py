@@ -76,9 +76,14 @@ class Chapter:
         return run_table(table, profile, self.seeds, self.epochs, self.dataset, self.device, progress=False)
 
     def banner(self) -> str:
+        from .experiments import get_table
+
+        def size(table: str, p: str) -> str:
+            n = get_table(table).configs(p, 0, self.epochs, self.dataset, self.device)[0].train_subset
+            return "full training set" if n is None else f"{n:,} training images"
         lines = [f"{table}: {p} profile" + (" -- QUICK: 1,000 training images, 1-2 epochs, a smoke test of the "
                                              "pipeline whose accuracies and verdicts say nothing about the report"
-                                             if p == "quick" else " (full training set)")
+                                             if p == "quick" else f" ({size(table, p)})")
                  for table, p in self.profiles.items()]
         return "\n".join(lines)
 
