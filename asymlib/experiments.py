@@ -23,9 +23,10 @@ from .data import NUM_CLASSES
 from .store import ResultStore
 from .training import Config, Run, train
 
-__all__ = ["Row", "Table", "TABLES", "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
-           "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED", "TableResult", "profile_config", "run_table", "summarize",
-           "alignment_frame", "get_table"]
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "summarize",
+           "alignment_frame", "get_table", "for_classes",
+           "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
+           "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
 
 
 @dataclass(frozen=True)
