@@ -129,14 +129,18 @@ def verdict(claim: str, holds, evidence: str) -> dict:
     return {"claim": claim, "verdict": status, "evidence": evidence}
 
 
+def _row_stats(res: TableResult, row: str) -> tuple | None:
+    """(mean, std, n completed, n diverged) of a row of the summary, or None if it was not run."""
+    s = res.summary.set_index("row")
+    return None if row not in s.index else tuple(s.loc[row, ["mean", "std", "n", "diverged"]])
+
+
 def acc_text(res: TableResult, row: str) -> str:
     """``"50.1%"`` (mean final test accuracy), ``"diverged"`` when every seed diverged, ``"not run"``."""
-    s = res.summary.set_index("row")
-    if row not in s.index:
-        return "not run"
-    if s.loc[row, "n"] == 0:
-        return "diverged" if s.loc[row, "diverged"] else "not run"
-    return f"{s.loc[row, 'mean']:.1f}%"
+    stats = _row_stats(res, row)
+    if stats is None or stats[2] == 0:
+        return "diverged" if stats and stats[3] else "not run"
+    return f"{stats[0]:.1f}%"
 
 
 def diff_text(res: TableResult, a: str, b: str) -> str:
@@ -165,10 +169,10 @@ def final_by_seed(res: TableResult, row: str) -> pd.Series:
 
 def cell_text(res: TableResult, row: str) -> str:
     """``"83.1 ± 0.4"`` (mean ± std over completed seeds), ``"diverged"``, or ``"—"`` if not run."""
-    s = res.summary.set_index("row")
-    if row not in s.index:
+    stats = _row_stats(res, row)
+    if stats is None:
         return "—"
-    m, sd, n, d = s.loc[row, ["mean", "std", "n", "diverged"]]
+    m, sd, n, d = stats
     if n == 0:
         return "diverged" if d else "—"
     return f"{m:.1f}" + ("" if pd.isna(sd) else f" ± {sd:.1f}") + (f" ({int(d)} diverged)" if d else "")
@@ -218,7 +222,7 @@ def plot_alignment_rows(res: TableResult, rows: list[str], metric: str = "angle_
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        d = a[(a.row == row)] if not a.empty and metric in a else a
+        d = a[a.row == row] if not a.empty and metric in a else pd.DataFrame()
         if d.empty:
             continue
         nontrivial = d.groupby("layer")[metric].transform(lambda v: (v > 1e-3).any())
