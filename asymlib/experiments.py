@@ -190,6 +190,8 @@ CLIPPING = Table(
 
 #: the cpu profile of the conv grids trains on 10,000 of the 50,000 training images
 _CPU_10K = {"cpu": {"train_subset": 10_000}}
+#: the same, with batch 100: a few epochs of 10,000 images at batch 500 would be only tens of steps
+_CPU_10K_B100 = {"cpu": {"train_subset": 10_000, "batch_size": 100}}
 
 # --- Liao, Leibo & Poggio 2016: sign-concordant feedback, Batch Manhattan, batch normalization -------
 #: The feedback rules of the {BN off, on} x {SGD, BM} grid, and the partial concordances swept
@@ -242,15 +244,16 @@ def _rule_rows(specs: dict[str, str], rules=LEADERBOARD_RULES, **overrides) -> t
     return tuple(Row(f"{net}/{r}", spec, {}, {"rule": r, **overrides}) for net, spec in specs.items() for r in rules)
 
 
-_LB_SRC = "this book (same protocol for every rule: Adam 1e-3, batch 500, no biases, Glorot init)"
+_LB_SRC = ("this book (same protocol for every rule: Adam 1e-3, batch 500 (100 for the conv nets in the cpu "
+           "profile), no biases, Glorot init)")
 LEADERBOARD_MLP = Table("leaderboard-mlp", "Every rule in the report's MLPs and a deeper one", _LB_SRC,
                         _rule_rows(LEADERBOARD_MLPS), epochs=100, cpu_epochs=10)
 LEADERBOARD_POGGIO = Table("leaderboard-poggio", "Every rule in Poggio's net", _LB_SRC,
                            _rule_rows({"Poggio": _PG.format("", "", "crossentropy")}),
-                           epochs=100, cpu_epochs=3, quick_epochs=1, profile_overrides=_CPU_10K)
+                           epochs=100, cpu_epochs=3, quick_epochs=1, profile_overrides=_CPU_10K_B100)
 LEADERBOARD_RESNET = Table("leaderboard-resnet20", "Every rule in a ResNet-20", _LB_SRC,
                            _rule_rows({"ResNet-20": "resnet20"}),
-                           epochs=100, cpu_epochs=2, quick_epochs=1, profile_overrides=_CPU_10K)
+                           epochs=100, cpu_epochs=1, quick_epochs=1, profile_overrides=_CPU_10K_B100)
 #: PFA's expansion ratio k (n_mid = k * out), with FA (no learned feedback) and bp for reference.
 PFA_SWEEP = Table("pfa-sweep", "PFA: the expansion ratio", "Li & Benna 2024 (expansion ratio); this book's runs",
                   _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("bp", "fa", "pfa(1)", "pfa(2)", "pfa(5)", "pfa(10)")),
