@@ -89,17 +89,21 @@ def _report_rows(specs: dict[str, str], numbers: dict[str, tuple]) -> tuple[Row,
     return tuple(Row(k, v, dict(zip((100, 200, 300), numbers[k]))) for k, v in specs.items())
 
 
+def _last_two_grid(prefix: str, spec: str) -> dict[str, str]:
+    """The report's 10-row grid of Tables 1 and 3: the last 0, 1 or 2 dense layers with fixed random
+    feedback (R) or updated random feedback (R*, suffix -U), under cross-entropy and hinge loss (-HL).
+    ``spec`` has three slots: the marks of the last two dense layers, then the loss."""
+    marks = {"0": ("", ""), "R1": ("", "(R)"), "R2": ("(R)", "(R)"), "R1-U": ("", "(R*)"), "R2-U": ("(R*)", "(R*)")}
+    return {f"{prefix}{name}{suffix}": spec.format(a, b, loss)
+            for suffix, loss in (("", "crossentropy"), ("-HL", "hingeloss")) for name, (a, b) in marks.items()}
+
+
 # --- Table 1: shallow dense nets (report §2.1), 100 epochs, Adam -----------------------------------
 _DS = "Input - dense512 - dense256{} - dense10{} - softmax - {}"
 TABLE1 = Table(
     "table1", "Shallow dense nets (report §2.1, Table 1)", "report Table 1, 100 epochs",
     _report_rows(
-        {"DS0": _DS.format("", "", "crossentropy"), "DSR1": _DS.format("", "(R)", "crossentropy"),
-         "DSR2": _DS.format("(R)", "(R)", "crossentropy"), "DSR1-U": _DS.format("", "(R*)", "crossentropy"),
-         "DSR2-U": _DS.format("(R*)", "(R*)", "crossentropy"),
-         "DS0-HL": _DS.format("", "", "hingeloss"), "DSR1-HL": _DS.format("", "(R)", "hingeloss"),
-         "DSR2-HL": _DS.format("(R)", "(R)", "hingeloss"), "DSR1-U-HL": _DS.format("", "(R*)", "hingeloss"),
-         "DSR2-U-HL": _DS.format("(R*)", "(R*)", "hingeloss")},
+        _last_two_grid("DS", _DS),
         {"DS0": (50.06,), "DSR1": (50.08,), "DSR2": (44.19,), "DSR1-U": (49.37,), "DSR2-U": (50.49,),
          "DS0-HL": (51.54,), "DSR1-HL": (48.83,), "DSR2-HL": (38.66,), "DSR1-U-HL": (48.82,),
          "DSR2-U-HL": (48.93,)}),
@@ -133,12 +137,7 @@ _PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv
 TABLE3 = Table(
     "table3", "Poggio's net (report §3, Table 3)", "report Table 3, 100 (200, 300) epochs",
     _report_rows(
-        {"PG0": _PG.format("", "", "crossentropy"), "PGR1": _PG.format("", "(R)", "crossentropy"),
-         "PGR2": _PG.format("(R)", "(R)", "crossentropy"), "PGR1-U": _PG.format("", "(R*)", "crossentropy"),
-         "PGR2-U": _PG.format("(R*)", "(R*)", "crossentropy"),
-         "PG0-HL": _PG.format("", "", "hingeloss"), "PGR1-HL": _PG.format("", "(R)", "hingeloss"),
-         "PGR2-HL": _PG.format("(R)", "(R)", "hingeloss"), "PGR1-U-HL": _PG.format("", "(R*)", "hingeloss"),
-         "PGR2-U-HL": _PG.format("(R*)", "(R*)", "hingeloss")},
+        _last_two_grid("PG", _PG),
         {"PG0": (75.87,), "PGR1": (29.27, 40.65, 54.13), "PGR2": (33.84, 43.79, 43.87),
          "PGR1-U": (28.32, 53.77, 67.48), "PGR2-U": (27.44, 45.61, 57.95), "PG0-HL": (75.12,),
          "PGR1-HL": (28.85, 40.38, 54.10), "PGR2-HL": (30.93, 39.02, 40.55),
