@@ -15,7 +15,7 @@ from .experiments import TableResult
 
 __all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
            "verdict", "final_acc", "acc_text", "diff_text", "final_by_seed", "cell_text", "grid_table",
-           "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles"]
+           "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
@@ -259,3 +259,19 @@ def final_layer_angles(res: TableResult, row: str, metric: str = "angle_delta") 
     order = list(dict.fromkeys(d.layer))          # the network's order (feedback_layers)
     m = d.groupby("layer")[metric].mean().reindex(order)
     return pd.Series(m.values, index=range(1, len(m) + 1), name=row)
+
+
+def mean_angle(res: TableResult, row: str, metric: str = "angle_delta", epoch: str | int = "last") -> float:
+    """``metric`` averaged over seeds and over the layers where it is not trivially 0 (backprop
+    layers, the exact output delta), at ``epoch``: ``"first"``, ``"last"`` or an epoch number
+    (NaN where the row has no alignment metrics)."""
+    if epoch not in ("first", "last") and not isinstance(epoch, int):
+        raise ValueError(f"epoch must be 'first', 'last' or an int, not {epoch!r}")
+    a = res.alignment
+    if a.empty or metric not in a:
+        return math.nan
+    a = a[(a.row == row) & (a[metric] > 1e-3)]
+    if a.empty:
+        return math.nan
+    e = {"first": a.epoch.min(), "last": a.epoch.max()}.get(epoch, epoch)
+    return float(a[a.epoch == e][metric].mean())
