@@ -273,3 +273,17 @@ def test_tables_widen_their_output_layer_for_cifar100():
     specs = {c.spec for c in get_table("liao-conv").configs("cpu", dataset="cifar100")}
     assert all(s.endswith("dense128 - dense100 - softmax - crossentropy") for s in specs)
     assert all(c.spec.endswith("dense10 - softmax - crossentropy") for c in get_table("liao-conv").configs("cpu"))
+
+
+def test_mean_angle_averages_seeds_and_nontrivial_layers_at_an_epoch():
+    from asymlib.experiments import TableResult
+    from asymlib.report import mean_angle
+    a = pd.DataFrame([{"row": "r", "seed": s, "epoch": e, "layer": l, "angle_delta": v}
+                      for s, e, l, v in [(0, 1, "l1", 80.0), (1, 1, "l1", 70.0), (0, 1, "out", 0.0),
+                                         (0, 2, "l1", 60.0), (1, 2, "l1", 50.0), (0, 2, "out", 0.0)]])
+    res = TableResult(pd.DataFrame(), pd.DataFrame(), a, {})
+    assert mean_angle(res, "r", "angle_delta", "first") == 75.0      # the exact output layer (0°) is left out
+    assert mean_angle(res, "r", "angle_delta", "last") == 55.0 == mean_angle(res, "r", "angle_delta", 2)
+    assert np.isnan(mean_angle(res, "other")) and np.isnan(mean_angle(res, "r", "angle_BW"))
+    with pytest.raises(ValueError, match="'first', 'last' or an int"):
+        mean_angle(res, "r", epoch="end")
