@@ -213,6 +213,13 @@ def plot_sweep(res: TableResult, x_of_row: dict[str, float], title: str, xlabel:
     return ax
 
 
+def _nontrivial_layers(a: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The alignment rows of layers whose ``metric`` is ever above round-off (1e-3 degrees): a
+    backprop layer's angles, and the output layer's own delta, are exactly 0 and say nothing."""
+    keep = a.groupby("layer")[metric].transform(lambda v: (v > 1e-3).any()).astype(bool)
+    return a[keep]
+
+
 def plot_alignment_rows(res: TableResult, rows: list[str], metric: str = "angle_BW", title: str = "",
                         ax=None):
     """``metric`` (``angle_BW`` or ``angle_delta``) over training, one line per row: the mean over
@@ -225,8 +232,7 @@ def plot_alignment_rows(res: TableResult, rows: list[str], metric: str = "angle_
         d = a[a.row == row] if not a.empty and metric in a else pd.DataFrame()
         if d.empty:
             continue
-        nontrivial = d.groupby("layer")[metric].transform(lambda v: (v > 1e-3).any())
-        m = d[nontrivial.astype(bool)].groupby("epoch")[metric].mean()
+        m = _nontrivial_layers(d, metric).groupby("epoch")[metric].mean()
         if len(m):
             ax.plot(m.index, m, label=row, marker="o" if len(m) < 12 else None, ms=3)
     ax.axhline(90, color="gray", lw=1, ls="--")
@@ -270,7 +276,7 @@ def mean_angle(res: TableResult, row: str, metric: str = "angle_delta", epoch: s
     a = res.alignment
     if a.empty or metric not in a:
         return math.nan
-    a = a[(a.row == row) & (a[metric] > 1e-3)]
+    a = _nontrivial_layers(a[a.row == row], metric)
     if a.empty:
         return math.nan
     e = {"first": a.epoch.min(), "last": a.epoch.max()}.get(epoch, epoch)
