@@ -118,18 +118,20 @@ TABLE2 = Table(
         {"DD0": _dd("", "", "", "", "ce"), "DDR1": _dd("", "", "", "(R)", "ce"),
          "DDR2": _dd("", "", "(R)", "(R)", "ce"), "DDR4": _dd("(R)", "(R)", "(R)", "(R)", "ce"),
          "DDR1-U": _dd("", "", "", "(R*)", "ce"), "DDR2-U": _dd("", "", "(R*)", "(R*)", "ce"),
-         # verbatim: the report's DDR4-U string marks the last layer (R), not (R*)
+         # verbatim: the report's DDR4-U string marks the last layer (R), not (R*) (probably a typo:
+         # every other -U row, DDR4-U-HL included, updates all its marked layers); both readings run
          "DDR4-U": _dd("(R*)", "(R*)", "(R*)", "(R)", "ce"),
+         "DDR4-U-all": _dd("(R*)", "(R*)", "(R*)", "(R*)", "ce"),
          "DD0-HL": _dd("", "", "", "", "hl"), "DDR1-HL": _dd("", "", "", "(R)", "hl"),
          "DDR2-HL": _dd("", "", "(R)", "(R)", "hl"), "DDR4-HL": _dd("(R)", "(R)", "(R)", "(R)", "hl"),
          "DDR1-U-HL": _dd("", "", "", "(R*)", "hl"), "DDR2-U-HL": _dd("", "", "(R*)", "(R*)", "hl"),
          "DDR4-U-HL": _dd("(R*)", "(R*)", "(R*)", "(R*)", "hl")},
         {"DD0": (49.06,), "DDR1": (38.82, 41.11), "DDR2": (26.94, 31.60), "DDR4": (27.7, 35.08),
-         "DDR1-U": (40.27, 45.70), "DDR2-U": (35.35, 44.80), "DDR4-U": (45.27, 42.18),
+         "DDR1-U": (40.27, 45.70), "DDR2-U": (35.35, 44.80), "DDR4-U": (45.27, 42.18), "DDR4-U-all": (45.27, 42.18),
          "DD0-HL": (51.67,), "DDR1-HL": (30.42, 39.34), "DDR2-HL": (29.27, 29.63),
          "DDR4-HL": (28.86, 26.36), "DDR1-U-HL": (40.46, 45.86), "DDR2-U-HL": (35.83, 45.43),
          "DDR4-U-HL": (39.65, 43.93)}),
-    epochs=200, cpu_epochs=10)
+    epochs=200, cpu_epochs=200)
 
 # --- Table 3: Poggio's net (report §3), 100/200/300 epochs ------------------------------------------
 _PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
