@@ -116,8 +116,8 @@ def parse_spec(spec: str) -> list[Token]:
             args = (int(g[0]),)
         else:
             args = ((int(g[0]), int(g[1])), int(g[2]), int(g[3] or 1))
-        if any(a == 0 for a in _flat(args[1:] if kind == "pool" else args)):
-            raise ValueError(f"spec token {raw!r}: sizes must be positive")
+        if any(not 0 < a < 2**31 for a in _flat(args[1:] if kind == "pool" else args)):
+            raise ValueError(f"spec token {raw!r}: sizes must be positive and below 2**31")
         tokens.append(Token(kind, args, tuple(marks), raw))
     layers = [t for t in tokens if t.kind != "loss"]
     if not any(t.kind in ("dense", "conv", "untied") for t in layers):
@@ -184,7 +184,11 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     if factory is not None:   # "resnet18", "alexnet", "plain6x32": asymlib.models, always with batch norm
         return Network(factory(tuple(in_shape), num_classes, rule, keep_last_bp), get_loss("crossentropy"))
     tokens = parse_spec(spec)
-    marks_map = dict(DEFAULT_MARKS, **(rules or {}))
+    unknown = [k for k in (rules or {}) if not (isinstance(k, str) and k.upper() in DEFAULT_MARKS)]
+    if unknown:
+        raise ValueError(f"rules: unknown mark(s) {unknown}; rules maps the spec's marks "
+                         f"{', '.join(DEFAULT_MARKS)} to rule names, e.g. {{'R': 'fa'}}")
+    marks_map = dict(DEFAULT_MARKS, **{k.upper(): v for k, v in (rules or {}).items()})
     if not (isinstance(num_classes, int) and num_classes > 0):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     shape = tuple(int(s) for s in in_shape)
@@ -195,6 +199,9 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     def resolve(r: "str | FeedbackRule | None") -> FeedbackRule:
         nonlocal dfa
         obj = get_rule(r, num_classes=num_classes)
+        if isinstance(obj, DirectFeedback) and obj.num_classes != num_classes:
+            raise ValueError(f"rule {r!r}: DFA's matrices map the output error, and this network has "
+                             f"{num_classes} outputs; write 'dfa' (or 'dfa({num_classes})')")
         if isinstance(obj, DirectFeedback):  # one DFA object per network: it carries the error
             dfa = dfa or obj
             return dfa

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import pandas as pd
@@ -13,6 +14,25 @@ import pandas as pd
 from .experiments import TABLES, run_table
 from .optim import OPTIMIZERS
 from .training import Config, train
+
+
+def _num(v, digits: int = 4) -> str:
+    """A number for a result line; NaN/None (a diverged epoch) prints as nan."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "nan"
+    return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def _rules(items: list[str]) -> tuple[dict[str, str], str | None]:
@@ -43,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     r.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's "
                    "report default: adam 1e-3, sgd/nesterov 1e-2, bm 1e-4)")
-    r.add_argument("--batch-size", type=int, default=500)
-    r.add_argument("--epochs", type=int, default=100)
+    r.add_argument("--batch-size", type=_positive_int, default=500)
+    r.add_argument("--epochs", type=_positive_int, default=100)
     r.add_argument("--loss", choices=["crossentropy", "hingeloss"], default=None,
                    help="override the loss named in the spec")
     r.add_argument("--clip", type=float, default=None, help="clip asymmetric weight gradients to [-c, c]")
@@ -64,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table", help="run a named table and print it beside the paper's numbers")
     t.add_argument("name", choices=list(TABLES))
     t.add_argument("--profile", default="quick", choices=["quick", "cpu", "full"])
-    t.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
-    t.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    t.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epochs")
     t.add_argument("--dataset", default=None, help="override the table's data set")
     t.add_argument("--device", default="auto")
     t.add_argument("--only", nargs="*", default=None, help="run only these rows")
@@ -81,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                          metrics_every=a.metrics_every, device=a.device, name=a.name)
             run = train(cfg, progress=not a.no_progress, force=a.force)
             f = run.final
-            print(f"{run.status} key={cfg.key()} dataset={cfg.dataset} epochs={len(run.history)}/{cfg.epochs} "
-                  f"test_acc={f['test_acc']:.4f} test_loss={f['test_loss']:.4f} train_acc={f['train_acc']:.4f}"
+            status = run.status
+            if status == "diverged":
+                status += f" at epoch {run.diverged_epoch} (loss {_num(run.diverged_loss, 3)})"
+            print(f"{status} key={cfg.key()} dataset={cfg.dataset} epochs={len(run.history)}/{cfg.epochs} "
+                  f"test_acc={_num(f['test_acc'])} test_loss={_num(f['test_loss'])} train_acc={_num(f['train_acc'])}"
                   f" {'(loaded from the store)' if run.loaded else ''}")
         else:
             summary, _ = run_table(a.name, a.profile, a.seeds, a.epochs, a.dataset, a.device,
@@ -93,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished epoch is checkpointed; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

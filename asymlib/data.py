@@ -19,7 +19,9 @@ import hashlib
 import io
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["TensorData", "load_dataset", "DATASETS", "NUM_CLASSES", "DataUnavailable", "find_cifar10_jpeg",
-           "read_image_tar", "read_image_folder", "REPO_ROOT"]
+           "read_image_tar", "read_image_folder", "REPO_ROOT", "data_fingerprint", "canonical_dataset"]
 
 
 
@@ -105,10 +107,15 @@ class TensorData:
             idx = torch.randperm(len(tx), generator=g)[:n_train].to(tx.device)
             tx, ty = tx[idx], ty[idx]
         if val_split:
-            if not 0 < val_split < 1:
-                raise ValueError(f"val_split must be in (0, 1), got {val_split!r}")
+            if not (isinstance(val_split, (int, float)) and 0 < val_split < 1):
+                raise ValueError(f"val_split must be a number in (0, 1), got {val_split!r}")
             n_val = int(round(val_split * len(tx)))
-            vx, vy, tx, ty = tx[:n_val], ty[:n_val], tx[n_val:], ty[n_val:]
+            if not 1 <= n_val < len(tx):
+                raise ValueError(f"val_split={val_split!r} of {len(tx)} training examples leaves "
+                                 f"{n_val} for validation and {len(tx) - n_val} for training; both need >= 1")
+            # a seeded shuffle first: files come sorted by class, so the first n_val are one class
+            perm = torch.randperm(len(tx), generator=g).to(tx.device)
+            vx, vy, tx, ty = tx[perm[:n_val]], ty[perm[:n_val]], tx[perm[n_val:]], ty[perm[n_val:]]
             name += f"[val{val_split:g}]"
         if n_test is not None and n_test < len(vx):  # a fixed random subset (files come sorted by class)
             idx = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))[:n_test].to(vx.device)
@@ -131,26 +138,51 @@ def _from_numpy(name, tx, ty, vx, vy, classes) -> TensorData:
 
 
 # --- image folders and tarballs -------------------------------------------------------------------
-def _decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-    img = Image.open(io.BytesIO(data))
-    img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
-    a = np.asarray(img, dtype=np.uint8)
+def _decode(data: bytes, where: str = "image") -> np.ndarray:
+    """``C x H x W`` uint8 (C = 1 for grey, 3 for anything else); a file that is not an image
+    raises ValueError naming it."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
+        a = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where} is not an image PIL can read ({e}); an image folder holds only "
+                         f"images under train/<class>/ and test/<class>/: remove or move that file") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _stack(split: dict[str, list[tuple[str, np.ndarray]]], classes, where) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+    xs, ys, names = [], [], []
     for ci, c in enumerate(classes):
-        for _, a in sorted(split.get(c, [])):
+        for fname, a in sorted(split.get(c, []), key=lambda t: t[0]):
             xs.append(a)
             ys.append(ci)
+            names.append(f"{c}/{fname}")
     if not xs:
         raise DataUnavailable(f"no images found in {where}")
-    shapes = {x.shape for x in xs}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {where} differ in shape: {sorted(shapes)[:4]}; resize them first")
+    if len({x.shape[0] for x in xs}) > 1:   # grey and colour mixed: grey becomes RGB (as ImageFolder does)
+        xs = [np.repeat(x, 3, axis=0) if x.shape[0] == 1 else x for x in xs]
+    sizes = {}
+    for x, n in zip(xs, names):
+        sizes.setdefault(x.shape[1:], n)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({n})" for (h, w), n in list(sizes.items())[:4])
+        raise ValueError(f"images in {where} differ in size: {shown}; resize them to one size first")
     return np.stack(xs), np.array(ys, dtype=np.int64)
+
+
+def _check_classes(train: dict, test: dict, where) -> list[str]:
+    """The classes of a folder data set: train/ and test/ must name the same ones, at least two."""
+    tr, te = set(train), set(test)
+    if te - tr:
+        raise ValueError(f"{where}: test/ has classes missing from train/: {sorted(te - tr)}; "
+                         f"every test class needs training images")
+    classes = sorted(tr)
+    if len(classes) < 2:
+        raise ValueError(f"{where}: found {len(classes)} class folder(s) under train/ ({classes}); "
+                         f"classification needs at least 2 (train/<class>/*, test/<class>/*)")
+    return classes
 
 
 def read_image_tar(path: str | Path, name: str = "folder") -> TensorData:
@@ -158,7 +190,12 @@ def read_image_tar(path: str | Path, name: str = "folder") -> TensorData:
 
     Images are sorted by file name within each class; classes alphabetically."""
     splits: dict[str, dict[str, list]] = {"train": {}, "test": {}}
-    with tarfile.open(path, "r:*") as tar:
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path} is neither an image folder nor a tar archive ({e}); give folder:<dir> "
+                         f"with train/<class>/ and test/<class>/, or a .tar(.gz) with that layout") from None
+    with tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -168,8 +205,9 @@ def read_image_tar(path: str | Path, name: str = "folder") -> TensorData:
             if len(parts) != 3 or parts[0] not in splits:
                 continue
             split, cls, fname = parts
-            splits[split].setdefault(cls, []).append((fname, _decode(tar.extractfile(member).read())))
-    classes = sorted(set(splits["train"]) | set(splits["test"]))
+            splits[split].setdefault(cls, []).append(
+                (fname, _decode(tar.extractfile(member).read(), f"{path}:{member.name}")))
+    classes = _check_classes(splits["train"], splits["test"], path)
     tx, ty = _stack(splits["train"], classes, f"{path}:train/")
     vx, vy = _stack(splits["test"], classes, f"{path}:test/")
     return _from_numpy(name, tx, ty, vx, vy, classes)
@@ -180,11 +218,12 @@ def read_image_folder(root: str | Path, name: str | None = None) -> TensorData:
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataUnavailable(f"image folder {root} needs train/<class>/ and test/<class>/ subfolders")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    found = {split: {p.name: p for p in (root / split).iterdir() if p.is_dir()} for split in ("train", "test")}
+    classes = _check_classes(found["train"], found["test"], root)
     arrays = []
     for split in ("train", "test"):
-        d = {c: [(p.name, _decode(p.read_bytes())) for p in (root / split / c).iterdir() if p.is_file()]
-             for c in classes if (root / split / c).is_dir()}
+        d = {c: [(p.name, _decode(p.read_bytes(), str(p))) for p in sorted(found[split][c].iterdir()) if p.is_file()]
+             for c in classes if c in found[split]}
         arrays += _stack(d, classes, root / split)
     return _from_numpy(name or f"folder:{root}", *arrays, classes)
 
@@ -209,26 +248,68 @@ def find_cifar10_jpeg(root: Path) -> Path:
         "as a tar.gz: set ASYMLIB_DATA to the file or its folder, or copy it into data/.")
 
 
-def _cached(root: Path, name: str, make) -> TensorData:
-    """Decode once, then load the uint8 arrays from ``<root>/<name>.npz``."""
+def _source_id(path: Path) -> str:
+    """What identifies a source file for the decode cache: its resolved path, size and mtime."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _cached(root: Path, name: str, source: Path, make) -> TensorData:
+    """Decode ``source`` once, then load the uint8 arrays from ``<root>/<name>.npz``; the cache
+    records which source file (path, size, mtime) it was decoded from and is redone when that changes."""
     cache = root / f"{name}.npz"
+    sid = _source_id(source)
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
-        td = TensorData(name, *(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
-                        tuple(str(c) for c in z["classes"]), str(z["fingerprint"]))
-        return td
+        if "source" in z.files and str(z["source"]) == sid:
+            return TensorData(name, *(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
+                              tuple(str(c) for c in z["classes"]), str(z["fingerprint"]))
     td = make()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, train_x=td.train_x.numpy(), train_y=td.train_y.numpy(), test_x=td.test_x.numpy(),
-             test_y=td.test_y.numpy(), classes=np.array(td.classes), fingerprint=np.array(td.fingerprint))
-    os.replace(tmp, cache)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp.npz")   # unique per process
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train_x=td.train_x.numpy(), train_y=td.train_y.numpy(), test_x=td.test_x.numpy(),
+                     test_y=td.test_y.numpy(), classes=np.array(td.classes),
+                     fingerprint=np.array(td.fingerprint), source=np.array(sid))
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return td
 
 
 def _cifar10_jpeg(root: Path) -> TensorData:
     path = find_cifar10_jpeg(root)
-    return _cached(root, "cifar10-jpeg", lambda: read_image_tar(path, "cifar10-jpeg"))
+    return _cached(root, "cifar10-jpeg", path, lambda: read_image_tar(path, "cifar10-jpeg"))
+
+
+def data_fingerprint(name: str, root: str | Path | None = None) -> str | None:
+    """The fingerprint of data set ``name`` as it is on this machine, or None when it is not here
+    (stored runs then load unverified: a reader without the data can still see them)."""
+    try:
+        return _fingerprint_cached(name, str(root) if root is not None else None, _data_stamp(name, root))
+    except (DataUnavailable, ValueError):
+        return None
+
+
+def _data_stamp(name: str, root) -> str:
+    """Changes when the data on disk changes (so the memo below is not stale)."""
+    root = Path(root) if root is not None else REPO_ROOT / "data"
+    if name == "cifar10-jpeg":
+        try:
+            return _source_id(find_cifar10_jpeg(root))
+        except DataUnavailable:
+            return "absent"
+    if name.startswith("folder:"):
+        p = Path(name[len("folder:"):])
+        return f"{p.stat().st_mtime_ns}" if p.exists() else "absent"
+    return ""
+
+
+@lru_cache(maxsize=32)
+def _fingerprint_cached(name: str, root: str | None, stamp: str) -> str:
+    return load_dataset(name, root).fingerprint
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -277,6 +358,10 @@ def _torchvision(name: str, root: Path, extra: str = "") -> TensorData:
         import torchvision.datasets as tvd
     except ImportError as e:
         raise DataUnavailable(f"data set {name!r} needs torchvision, which is not installed. {how}{extra}") from e
+    except Exception as e:   # e.g. "operator torchvision::nms does not exist": a torchvision built for another torch
+        raise DataUnavailable(f"data set {name!r} needs torchvision, which is installed but does not load "
+                              f"({type(e).__name__}: {e}); install the torchvision built for this torch "
+                              f"(torch {torch.__version__}). {extra}") from e
     cls = getattr(tvd, _TV[name])
     try:
         if name in ("svhn", "stl10"):
@@ -294,11 +379,24 @@ def _torchvision(name: str, root: Path, extra: str = "") -> TensorData:
     return _from_numpy(name, tx, ty, vx, vy, classes)
 
 
+def canonical_dataset(name: str) -> str:
+    """One name per data set: ``folder:`` paths made absolute (a relative and an absolute path to
+    the same folder are one data set)."""
+    if not isinstance(name, str):
+        raise ValueError(f"dataset must be a name such as 'cifar10-jpeg', got {name!r}")
+    if name.startswith("folder:") and name[len("folder:"):]:
+        return "folder:" + str(Path(name[len("folder:"):]).expanduser().resolve())
+    return name
+
+
 def load_dataset(name: str, root: str | Path | None = None) -> TensorData:
     """The data set ``name`` (see the module doc) as CPU tensors; never substitutes another one."""
     root = Path(root) if root is not None else REPO_ROOT / "data"
     if name.startswith("folder:"):
         p = Path(name[len("folder:"):])
+        if not p.exists():
+            raise DataUnavailable(f"folder data set {name!r}: {p} does not exist; give folder:<dir> with "
+                                  f"train/<class>/ and test/<class>/, or a .tar(.gz) with that layout")
         return read_image_tar(p, name) if p.is_file() else read_image_folder(p, name)
     if name == "cifar10-jpeg":
         return _cifar10_jpeg(root)

@@ -79,7 +79,7 @@ def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Conf
     """Derive a profile from the paper's (``full``) config; ``epochs`` replaces its epochs."""
     if profile not in ("quick", "cpu", "full"):
         raise ValueError(f"unknown profile {profile!r}; accepted: quick, cpu, full")
-    cfg = cfg.replace(profile=profile, epochs=epochs or cfg.epochs)
+    cfg = cfg.replace(profile=profile, epochs=cfg.epochs if epochs is None else epochs)
     if profile == "quick":
         cfg = cfg.replace(train_subset=1000, test_subset=1000, batch_size=100)
     return cfg
@@ -358,6 +358,14 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
     """
     table = get_table(name)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError(f"seeds must be at least 1 (or a non-empty list of seeds), got {seeds!r}")
+    labels = [r.label for r in table.rows]
+    if only is not None:
+        unknown = [o for o in only if o not in labels]
+        if unknown or not only:
+            raise ValueError(f"--only: table {name!r} has no row(s) {unknown or '(none given)'}; "
+                             f"its rows: {', '.join(labels)}")
     runs: dict[tuple[str, int], Run] = {}
     for seed in seed_list:
         for cfg in table.configs(profile, seed, epochs, dataset, device):

@@ -129,6 +129,7 @@ class Linear(FeedbackLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  rule: "str | FeedbackRule | None" = "bp", init: str = "glorot", **rule_kwargs):
         super().__init__()
+        _positive("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self._finish_init(rule, (out_features,) if bias else None, init, **rule_kwargs)
@@ -150,6 +151,14 @@ class Linear(FeedbackLayer):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}" + self._rule_repr()
+
+
+def _positive(layer: str, **sizes) -> None:
+    """ValueError naming the argument unless every size is a positive int (or pair of them)."""
+    for arg, v in sizes.items():
+        vals = v if isinstance(v, tuple) else (v,)
+        if not all(isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in vals):
+            raise ValueError(f"{layer}: {arg} must be a positive integer (or a pair of them), got {v!r}")
 
 
 def _padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
@@ -182,8 +191,12 @@ class Conv2d(FeedbackLayer):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        _positive("Conv2d", in_channels=in_channels, out_channels=out_channels, kernel_size=self.kernel_size,
+                  stride=self.stride)
         self.padding = _padding(padding, self.kernel_size, self.stride)
         self.input_size = _pair(input_size) if input_size is not None else None
+        if self.input_size is not None:
+            _positive("Conv2d", input_size=self.input_size)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
         self._finish_init(rule, (out_channels,) if bias else None, init, **rule_kwargs)
 
@@ -234,8 +247,14 @@ class LocallyConnected2d(FeedbackLayer):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        _positive("LocallyConnected2d", in_channels=in_channels, out_channels=out_channels,
+                  kernel_size=self.kernel_size, stride=self.stride)
+        if input_size is None:
+            raise ValueError("LocallyConnected2d: input_size=(H, W) is required (each output position has "
+                             "its own kernel, so the layer is built for one input size)")
         self.padding = _padding(padding, self.kernel_size, self.stride)
         self.input_size = _pair(input_size)
+        _positive("LocallyConnected2d", input_size=self.input_size)
         self.output_size = _out_size(self.input_size, self.kernel_size, self.stride, self.padding)
         if min(self.output_size) < 1:
             raise ValueError(f"LocallyConnected2d: kernel {self.kernel_size} does not fit input "

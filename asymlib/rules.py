@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FeedbackRule", "Backprop", "FeedbackAlignment", "UpdatedFeedback", "KolenPollack",
     "UniformSignFeedback", "BatchRandomSignFeedback", "FixedRandomSignFeedback",
-    "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "RULES",
+    "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "parse_rule", "canonical_rule", "RULES",
     "glorot_uniform_", "glorot_std",
 ]
 
@@ -352,8 +352,8 @@ class ProductFeedback(FeedbackRule):
     name = "pfa"
 
     def __init__(self, expansion: float = 1.0, weight_decay: float = 1e-3):
-        if not (isinstance(expansion, (int, float)) and expansion > 0):
-            raise ValueError(f"pfa: expansion ratio must be > 0, got {expansion!r}")
+        if not (isinstance(expansion, (int, float)) and 0 < expansion < 1e6):
+            raise ValueError(f"pfa: expansion ratio must be a number in (0, 1e6), got {expansion!r}")
         if not weight_decay >= 0:
             raise ValueError(f"pfa: weight_decay must be >= 0, got {weight_decay!r}")
         self.expansion, self.weight_decay = float(expansion), float(weight_decay)
@@ -395,6 +395,45 @@ RULES: dict[str, Callable[..., FeedbackRule]] = {
 _RULE_RE = re.compile(r"^\s*([a-z][a-z\-]*)\s*(?:\(\s*([^()]*?)\s*\))?\s*$")
 
 
+#: the constructor argument a rule's parenthesised parameter sets
+RULE_PARAMETER = {"psf": "p", "kp": "weight_decay", "pfa": "expansion", "dfa": "num_classes"}
+
+
+def parse_rule(rule: str) -> tuple[str, float | int | None]:
+    """``"PSF(0.50)"`` -> ``("psf", 0.5)``: the one parser of rule names (case and spaces do not
+    matter); raises ValueError naming the bad part and what is accepted."""
+    if not isinstance(rule, str):
+        raise ValueError(f"rule must be a name or a FeedbackRule, got {type(rule).__name__}")
+    m = _RULE_RE.match(rule.lower())
+    if not m or m.group(1) not in RULES:
+        raise ValueError(f"unknown feedback rule {rule!r}; accepted: {', '.join(RULES)} "
+                         "(parameters in parentheses: psf(p), kp(weight_decay), pfa(expansion), dfa(classes))")
+    name, arg = m.groups()
+    if not arg:
+        return name, None
+    if name not in RULE_PARAMETER:
+        raise ValueError(f"rule {name!r} takes no parameter, got {rule!r}")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"rule {rule!r}: parameter {arg!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"rule {rule!r}: parameter must be a finite number, got {arg!r}")
+    if name == "dfa":
+        if not value.is_integer() or value < 1:
+            raise ValueError(f"rule {rule!r}: dfa's parameter is the number of classes, a positive integer")
+        return name, int(value)
+    return name, value
+
+
+def canonical_rule(rule: str | None) -> str | None:
+    """The one spelling of a rule name under which runs are stored: ``"PSF(0.50)"`` -> ``"psf(0.5)"``."""
+    if rule is None:
+        return None
+    name, value = parse_rule(rule)
+    return name if value is None else f"{name}({value:g})"
+
+
 def get_rule(rule: "str | FeedbackRule | None", **kwargs) -> FeedbackRule:
     """A rule from its name, e.g. ``"fa"``, ``"psf(0.75)"``, ``"pfa(5)"``; a rule object passes through.
 
@@ -404,24 +443,9 @@ def get_rule(rule: "str | FeedbackRule | None", **kwargs) -> FeedbackRule:
         return Backprop()
     if isinstance(rule, FeedbackRule):
         return rule
-    if not isinstance(rule, str):
-        raise ValueError(f"rule must be a name or a FeedbackRule, got {type(rule).__name__}")
-    m = _RULE_RE.match(rule.lower())
-    if not m or m.group(1) not in RULES:
-        raise ValueError(f"unknown feedback rule {rule!r}; accepted: {', '.join(RULES)} "
-                         "(parameters in parentheses: psf(p), kp(weight_decay), pfa(expansion))")
-    name, arg = m.groups()
-    if arg:
-        try:
-            value = float(arg)
-        except ValueError:
-            raise ValueError(f"rule {rule!r}: parameter {arg!r} is not a number") from None
-        if name == "dfa":
-            value = int(value)
-        first = {"psf": "p", "kp": "weight_decay", "pfa": "expansion", "dfa": "num_classes"}.get(name)
-        if first is None:
-            raise ValueError(f"rule {name!r} takes no parameter, got {rule!r}")
-        kwargs[first] = value
+    name, value = parse_rule(rule)
+    if value is not None:
+        kwargs[RULE_PARAMETER[name]] = value
     if name != "dfa":
         kwargs.pop("num_classes", None)
     return RULES[name](**kwargs)
