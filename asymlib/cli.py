@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 
 import pandas as pd
 
@@ -23,6 +25,10 @@ def _num(v, digits: int = 4) -> str:
     except (TypeError, ValueError):
         return "nan"
     return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _positive_int(s: str) -> int:
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--only", nargs="*", default=None, help="run only these rows")
     t.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():   # `kill` ends a run like Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if a.cmd == "run":
             marks, every = _rules(a.rule)

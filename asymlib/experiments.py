@@ -21,9 +21,9 @@ import pandas as pd
 
 from .data import NUM_CLASSES
 from .store import ResultStore
-from .training import Config, Run, train
+from .training import Config, MissingRuns, Run, stored_only, train
 
-__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "summarize",
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "table_command", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
@@ -131,7 +131,7 @@ TABLE2 = Table(
          "DD0-HL": (51.67,), "DDR1-HL": (30.42, 39.34), "DDR2-HL": (29.27, 29.63),
          "DDR4-HL": (28.86, 26.36), "DDR1-U-HL": (40.46, 45.86), "DDR2-U-HL": (35.83, 45.43),
          "DDR4-U-HL": (39.65, 43.93)}),
-    epochs=200, cpu_epochs=200)
+    epochs=200, cpu_epochs=10)
 
 # --- Table 3: Poggio's net (report §3), 100/200/300 epochs ------------------------------------------
 _PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
@@ -349,6 +349,17 @@ def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
+                  dataset: str | None = None) -> str:
+    """The command line that runs (or completes) a table."""
+    cmd = f"python -m asymlib table {name} --profile {profile} --seeds {seeds}"
+    if epochs is not None:
+        cmd += f" --epochs {epochs}"
+    if dataset is not None:
+        cmd += f" --dataset {dataset}"
+    return cmd
+
+
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
               progress: bool = True, only: list[str] | None = None) -> TableResult:
@@ -366,12 +377,20 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
         if unknown or not only:
             raise ValueError(f"--only: table {name!r} has no row(s) {unknown or '(none given)'}; "
                              f"its rows: {', '.join(labels)}")
+    store = store or ResultStore()
+    todo = [cfg for seed in seed_list for cfg in table.configs(profile, seed, epochs, dataset, device)
+            if not only or cfg.name in only]
+    if stored_only():
+        missing = [c for c in todo if store.load(c) is None]
+        if missing:
+            raise MissingRuns(f"table {name!r} ({profile} profile) lacks {len(missing)} of {len(todo)} stored runs: "
+                              + ", ".join(f"{c.name} seed {c.seed}" for c in missing[:12])
+                              + (" ..." if len(missing) > 12 else "") + ". Produce them with: "
+                              + table_command(name, profile, len(seed_list), epochs, dataset)
+                              + " (then commit results/)")
     runs: dict[tuple[str, int], Run] = {}
-    for seed in seed_list:
-        for cfg in table.configs(profile, seed, epochs, dataset, device):
-            if only and cfg.name not in only:
-                continue
-            runs[(cfg.name, seed)] = train(cfg, store, progress=progress)
+    for cfg in todo:
+        runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
     hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
             for (label, seed), r in runs.items()]
     return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),

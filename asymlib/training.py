@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,18 @@ from .optim import OPTIMIZERS, clip_asymmetric_grads, make_optimizer
 from .rules import canonical_rule, get_rule
 from .store import ResultStore, StoreError, code_fingerprint, environment
 
-__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "DIVERGED_LOSS", "divergence"]
+__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "DIVERGED_LOSS", "divergence",
+           "MissingRuns", "stored_only"]
+
+
+class MissingRuns(RuntimeError):
+    """Stored-only mode (the published book) met a run that is not stored: the message names the
+    runs and the command that produces them."""
+
+
+def stored_only() -> bool:
+    """``ASYMLIB_STORED_ONLY=1`` (``python -m asymlib.book --stored-only``): load, never train."""
+    return os.environ.get("ASYMLIB_STORED_ONLY", "") not in ("", "0")
 
 #: A run whose mean training loss over an epoch exceeds this or is not finite, or whose test loss
 #: (weights) stops being finite, is ``diverged`` from that epoch on. Chance-level cross-entropy on 10
@@ -281,6 +293,10 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         rec = _load_verified(cfg, store)
         if rec is not None:
             return Run.from_record(rec, loaded=True)
+    if stored_only():
+        raise MissingRuns(f"run {cfg.name or cfg.spec!r} (seed {cfg.seed}, {cfg.profile} profile, {cfg.epochs} "
+                          f"epochs) is not stored at {store.path(cfg)}, and ASYMLIB_STORED_ONLY is set (the "
+                          f"published book never trains): train it where the data are, commit results/")
     device = resolve_device(cfg.device)
     data = _data(cfg, device)
     torch.manual_seed(cfg.seed)

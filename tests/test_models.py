@@ -51,8 +51,8 @@ def test_converted_with_bp_gives_the_original_outputs_and_gradients():
         assert torch.allclose(g1[n], g2[n], atol=1e-12), n
 
 
-def test_torchvision_resnet18_converts_with_identical_gradients():
-    tv = pytest.importorskip("torchvision", exc_type=ImportError)
+def test_torchvision_resnet18_converts_with_identical_gradients(torchvision):
+    tv = torchvision
     torch.manual_seed(0)
     net = tv.models.resnet18(num_classes=10).double()
     conv = convert(net, "bp")

@@ -1,0 +1,397 @@
+"""The book's experiment grids ("tables"), each defined once at the paper's protocol (``full``),
+with the derived ``cpu`` and ``quick`` profiles, and a runner that returns mean ± std over seeds.
+
+Profiles:
+
+* ``full``  -- the paper's protocol: full training set, the paper's epochs, 3 seeds (a GPU's job).
+* ``cpu``   -- what 2 CPU cores finish in about an hour per chapter: full training set, the table's
+  ``cpu_epochs`` (Table 1 keeps the report's 100 epochs; Table 2: 10, Poggio's net: 3, the
+  untied nets: 1 -- an untied epoch takes about 10 minutes on one core). Liao's conv grid (24 rows)
+  trains on 10,000 images (``profile_overrides``) for 3 epochs.
+* ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs (1 for untied nets), batch 100;
+  checks that the whole grid runs, says nothing about accuracy.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .data import NUM_CLASSES
+from .store import ResultStore
+from .training import Config, MissingRuns, Run, stored_only, train
+
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "table_command", "summarize",
+           "alignment_frame", "get_table", "for_classes",
+           "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
+           "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    spec: str
+    report: dict[int, float] = field(default_factory=dict)   # the paper's test accuracy (%) by epoch
+    overrides: dict = field(default_factory=dict)            # Config fields that differ from the table's
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    source: str
+    rows: tuple[Row, ...]
+    epochs: int                      # the paper's (full profile)
+    cpu_epochs: int
+    dataset: str = "cifar10-jpeg"
+    quick_epochs: int = 2
+    base: dict = field(default_factory=dict)
+    #: Config fields a profile changes beyond its defaults, e.g. ``{"cpu": {"train_subset": 10_000}}``
+    #: (train on 10,000 images) or ``{"quick": {"spec": "resnet18@16"}}`` (a narrower smoke test)
+    profile_overrides: dict = field(default_factory=dict)
+
+    def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
+                dataset: str | None = None, device: str = "auto") -> list[Config]:
+        """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
+        if epochs is None:
+            epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
+        ds = dataset or self.dataset
+        cfgs = [profile_config(Config(spec=for_classes(r.spec, NUM_CLASSES.get(ds)), name=r.label, dataset=ds,
+                                      epochs=self.epochs, seed=seed, device=device,
+                                      **{**self.base, **r.overrides}), profile, epochs)
+                for r in self.rows]
+        if self.profile_overrides.get(profile):
+            cfgs = [c.replace(**self.profile_overrides[profile]) for c in cfgs]
+        return cfgs
+
+
+def for_classes(spec: str, num_classes: int | None) -> str:
+    """The spec with its last ``dense10`` widened to ``num_classes`` (the tables are written for 10
+    classes; cifar100 needs dense100). Named models and other specs pass unchanged."""
+    if not num_classes or num_classes == 10:
+        return spec
+    return re.sub(r"dense10(?=\b(?!.*\bdense\d))", f"dense{num_classes}", spec, flags=re.I)
+
+
+def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Config:
+    """Derive a profile from the paper's (``full``) config; ``epochs`` replaces its epochs."""
+    if profile not in ("quick", "cpu", "full"):
+        raise ValueError(f"unknown profile {profile!r}; accepted: quick, cpu, full")
+    cfg = cfg.replace(profile=profile, epochs=cfg.epochs if epochs is None else epochs)
+    if profile == "quick":
+        cfg = cfg.replace(train_subset=1000, test_subset=1000, batch_size=100)
+    return cfg
+
+
+def _report_rows(specs: dict[str, str], numbers: dict[str, tuple]) -> tuple[Row, ...]:
+    return tuple(Row(k, v, dict(zip((100, 200, 300), numbers[k]))) for k, v in specs.items())
+
+
+def _last_two_grid(prefix: str, spec: str) -> dict[str, str]:
+    """The report's 10-row grid of Tables 1 and 3: the last 0, 1 or 2 dense layers with fixed random
+    feedback (R) or updated random feedback (R*, suffix -U), under cross-entropy and hinge loss (-HL).
+    ``spec`` has three slots: the marks of the last two dense layers, then the loss."""
+    marks = {"0": ("", ""), "R1": ("", "(R)"), "R2": ("(R)", "(R)"), "R1-U": ("", "(R*)"), "R2-U": ("(R*)", "(R*)")}
+    return {f"{prefix}{name}{suffix}": spec.format(a, b, loss)
+            for suffix, loss in (("", "crossentropy"), ("-HL", "hingeloss")) for name, (a, b) in marks.items()}
+
+
+# --- Table 1: shallow dense nets (report §2.1), 100 epochs, Adam -----------------------------------
+_DS = "Input - dense512 - dense256{} - dense10{} - softmax - {}"
+TABLE1 = Table(
+    "table1", "Shallow dense nets (report §2.1, Table 1)", "report Table 1, 100 epochs",
+    _report_rows(
+        _last_two_grid("DS", _DS),
+        {"DS0": (50.06,), "DSR1": (50.08,), "DSR2": (44.19,), "DSR1-U": (49.37,), "DSR2-U": (50.49,),
+         "DS0-HL": (51.54,), "DSR1-HL": (48.83,), "DSR2-HL": (38.66,), "DSR1-U-HL": (48.82,),
+         "DSR2-U-HL": (48.93,)}),
+    epochs=100, cpu_epochs=100)
+
+# --- Table 2: deeper dense nets (report §2.2), 100 and 200 epochs ----------------------------------
+_DD = "Input - dense512 - dense512{} - dense256{} - dense256{} - dense10{}{}"
+_dd = lambda a, b, c, d, loss: _DD.format(a, b, c, d, " - softmax - crossentropy" if loss == "ce" else " - hingeloss")
+TABLE2 = Table(
+    "table2", "Deeper dense nets (report §2.2, Table 2)", "report Table 2, 100 (200) epochs",
+    _report_rows(
+        {"DD0": _dd("", "", "", "", "ce"), "DDR1": _dd("", "", "", "(R)", "ce"),
+         "DDR2": _dd("", "", "(R)", "(R)", "ce"), "DDR4": _dd("(R)", "(R)", "(R)", "(R)", "ce"),
+         "DDR1-U": _dd("", "", "", "(R*)", "ce"), "DDR2-U": _dd("", "", "(R*)", "(R*)", "ce"),
+         # verbatim: the report's DDR4-U string marks the last layer (R), not (R*) (probably a typo:
+         # every other -U row, DDR4-U-HL included, updates all its marked layers); both readings run
+         "DDR4-U": _dd("(R*)", "(R*)", "(R*)", "(R)", "ce"),
+         "DDR4-U-all": _dd("(R*)", "(R*)", "(R*)", "(R*)", "ce"),
+         "DD0-HL": _dd("", "", "", "", "hl"), "DDR1-HL": _dd("", "", "", "(R)", "hl"),
+         "DDR2-HL": _dd("", "", "(R)", "(R)", "hl"), "DDR4-HL": _dd("(R)", "(R)", "(R)", "(R)", "hl"),
+         "DDR1-U-HL": _dd("", "", "", "(R*)", "hl"), "DDR2-U-HL": _dd("", "", "(R*)", "(R*)", "hl"),
+         "DDR4-U-HL": _dd("(R*)", "(R*)", "(R*)", "(R*)", "hl")},
+        {"DD0": (49.06,), "DDR1": (38.82, 41.11), "DDR2": (26.94, 31.60), "DDR4": (27.7, 35.08),
+         "DDR1-U": (40.27, 45.70), "DDR2-U": (35.35, 44.80), "DDR4-U": (45.27, 42.18), "DDR4-U-all": (45.27, 42.18),
+         "DD0-HL": (51.67,), "DDR1-HL": (30.42, 39.34), "DDR2-HL": (29.27, 29.63),
+         "DDR4-HL": (28.86, 26.36), "DDR1-U-HL": (40.46, 45.86), "DDR2-U-HL": (35.83, 45.43),
+         "DDR4-U-HL": (39.65, 43.93)}),
+    epochs=200, cpu_epochs=10)
+
+# --- Table 3: Poggio's net (report §3), 100/200/300 epochs ------------------------------------------
+_PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
+       "Avgpool3*3/2 - dense128{} - dense10{} - softmax - {}")
+TABLE3 = Table(
+    "table3", "Poggio's net (report §3, Table 3)", "report Table 3, 100 (200, 300) epochs",
+    _report_rows(
+        _last_two_grid("PG", _PG),
+        {"PG0": (75.87,), "PGR1": (29.27, 40.65, 54.13), "PGR2": (33.84, 43.79, 43.87),
+         "PGR1-U": (28.32, 53.77, 67.48), "PGR2-U": (27.44, 45.61, 57.95), "PG0-HL": (75.12,),
+         "PGR1-HL": (28.85, 40.38, 54.10), "PGR2-HL": (30.93, 39.02, 40.55),
+         "PGR1-U-HL": (28.27, 50.89, 62.07), "PGR2-U-HL": (31.52, 34.49, 43.31)}),
+    epochs=300, cpu_epochs=3)
+
+# --- Table 4: untied convolution (report §4.1), 200 epochs ------------------------------------------
+_UT = _PG.replace("Conv", "Untied")
+TABLE4 = Table(
+    "table4", "Untied convolution (report §4.1, Table 4)", "report Table 4, 200 epochs",
+    tuple(Row(k, s, {200: v}) for k, s, v in [
+        ("PG-Untie", _UT.format("", "", "crossentropy"), 64.90),
+        ("PG-Untie-R1", _UT.format("", "(R)", "crossentropy"), 50.53),
+        ("PG-Untie-R2", _UT.format("(R)", "(R)", "crossentropy"), 38.70),
+        ("PG-Untie-R1-U", _UT.format("", "(R*)", "crossentropy"), 60.87),
+        ("PG-Untie-R2-U", _UT.format("(R*)", "(R*)", "crossentropy"), 34.61)]),
+    epochs=200, cpu_epochs=1, quick_epochs=1)
+
+# --- Report §3's text: optimizers and pooling with random feedback in Poggio's net ------------------
+_PG_MAX = _PG.replace("Avgpool", "Maxpool")
+POGGIO_CLAIMS = Table(
+    "poggio-claims", "Poggio's net: SGD, Nesterov and max pooling (report §3, text)",
+    "report §3 text (SGD with R in the last layer: 68%; epochs not stated)",
+    (Row("PGR1-SGD", _PG.format("", "(R)", "crossentropy"), {100: 68.0}, {"optimizer": "sgd"}),
+     Row("PGR2-SGD", _PG.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "sgd"}),
+     Row("PG0-Nesterov", _PG.format("", "", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR1-Nesterov", _PG.format("", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov", _PG.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov-maxpool", _PG_MAX.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "nesterov"}),
+     Row("PGR2-Nesterov-U", _PG.format("(R*)", "(R*)", "crossentropy"), {}, {"optimizer": "nesterov"})),
+    epochs=100, cpu_epochs=3)
+
+# --- Report §4.2: random feedback inside the untied conv layers ------------------------------------
+_UT_R = ("Input - Untied5*5*32/1{a} - Maxpool3*3/2 - Untied5*5*64/1{a} - Avgpool3*3/2 - Untied5*5*64/1{a} - "
+         "Avgpool3*3/2 - dense128{a} - dense10{a} - softmax - crossentropy")
+UNTIED_FEEDBACK = Table(
+    "untied-feedback", "Random feedback inside untied convolutions (report §4.2)",
+    "report §4.2 (no numbers: 'the loss function become intractable')",
+    (Row("PG-Untie-Rall", _UT_R.format(a="(R)")), Row("PG-Untie-Rall-U", _UT_R.format(a="(R*)"))),
+    epochs=200, cpu_epochs=1, quick_epochs=1)
+
+# --- Report §5: clipping the asymmetric weight gradient (network not stated: the shallow dense nets) --
+CLIPPING = Table(
+    "clipping", "Clipping the asymmetric weight gradient (report §5)",
+    "report §5 (no numbers: 'all these modifications ruin the training')",
+    tuple(Row(f"{k}-clip{c:g}", TABLE1.rows[i].spec, {}, {"clip": c})
+          for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
+    epochs=100, cpu_epochs=20)
+
+#: the cpu profile of the conv grids trains on 10,000 of the 50,000 training images
+_CPU_10K = {"cpu": {"train_subset": 10_000}}
+#: the same, with batch 100: a few epochs of 10,000 images at batch 500 would be only tens of steps
+_CPU_10K_B100 = {"cpu": {"train_subset": 10_000, "batch_size": 100}}
+
+# --- Liao, Leibo & Poggio 2016: sign-concordant feedback, Batch Manhattan, batch normalization -------
+#: The feedback rules of the {BN off, on} x {SGD, BM} grid, and the partial concordances swept
+#: (with BN and BM; p = 1 is frSF, in the grid).
+LIAO_RULES = ("bp", "usf", "brsf", "frsf", "fa")
+LIAO_P = (0.0, 0.25, 0.5, 0.75)
+
+
+def liao_label(rule: str, batch_norm: bool, optimizer: str) -> str:
+    """``"usf+BN+BM"``: the rule, then BN if batch norm is on, then the optimizer."""
+    return f"{rule}{'+BN' if batch_norm else ''}+{optimizer.upper()}"
+
+
+def _liao_rows(spec: str) -> tuple[Row, ...]:
+    grid = [(r, bn, opt) for r in LIAO_RULES for bn in (False, True) for opt in ("sgd", "bm")]
+    grid += [(f"psf({p:g})", True, "bm") for p in LIAO_P]
+    return tuple(Row(liao_label(r, bn, opt), spec, {}, {"rule": r, "batch_norm": bn, "optimizer": opt})
+                 for r, bn, opt in grid)
+
+
+_LIAO_SRC = "Liao, Leibo & Poggio 2016 (abstract: no per-setting numbers; 100 epochs is this book's choice)"
+LIAO_MLP = Table(
+    "liao-mlp", "Sign concordance, BM and BN in an MLP (Liao et al. 2016)", _LIAO_SRC,
+    _liao_rows("Input - dense512 - dense256 - dense10 - softmax - crossentropy"),
+    epochs=100, cpu_epochs=10, dataset="fashion-mnist", base={"batch_size": 100})
+LIAO_CONV = Table(
+    "liao-conv", "Sign concordance, BM and BN in Poggio's net (Liao et al. 2016)", _LIAO_SRC,
+    _liao_rows(_PG.format("", "", "crossentropy")),
+    epochs=100, cpu_epochs=3, quick_epochs=1, dataset="cifar10-jpeg", base={"batch_size": 100},
+    profile_overrides=_CPU_10K)
+
+#: Liao et al. 2016's published sign-symmetry benchmark rows (seed 004): data set -> (metric, value).
+LIAO_PUBLISHED: dict[str, tuple[str, float]] = {
+    "mnist": ("error %", 0.91), "cifar10": ("accuracy %", 80.98), "cifar100": ("accuracy %", 48.75),
+    "stl10": ("accuracy %", 57.32), "svhn": ("error %", 10.16)}
+
+# --- Every rule on the same footing: the leaderboard (chapter 7) -------------------------------------
+#: The rules of the leaderboard, in the order the chapter lists them.
+LEADERBOARD_RULES = ("bp", "fa", "fa-updated", "kp", "usf", "brsf", "frsf", "dfa", "pfa")
+#: The MLPs of the leaderboard by depth (weight layers): the report's DS0 and DD, and 8 hidden layers.
+LEADERBOARD_MLPS = {
+    "DS0": _DS.format("", "", "crossentropy"),
+    "DD": _dd("", "", "", "", "ce"),
+    "D9": "Input - " + " - ".join(["dense256"] * 8) + " - dense10 - softmax - crossentropy",
+}
+
+
+def _rule_rows(specs: dict[str, str], rules=LEADERBOARD_RULES, **overrides) -> tuple[Row, ...]:
+    """``"DD/fa"``: one row per (network, rule), the rule in every layer."""
+    return tuple(Row(f"{net}/{r}", spec, {}, {"rule": r, **overrides}) for net, spec in specs.items() for r in rules)
+
+
+_LB_SRC = ("this book (same protocol for every rule: Adam 1e-3, batch 500 (100 for the conv nets in the cpu "
+           "profile), no biases, Glorot init)")
+LEADERBOARD_MLP = Table("leaderboard-mlp", "Every rule in the report's MLPs and a deeper one", _LB_SRC,
+                        _rule_rows(LEADERBOARD_MLPS), epochs=100, cpu_epochs=10)
+LEADERBOARD_POGGIO = Table("leaderboard-poggio", "Every rule in Poggio's net", _LB_SRC,
+                           _rule_rows({"Poggio": _PG.format("", "", "crossentropy")}),
+                           epochs=100, cpu_epochs=3, quick_epochs=1, profile_overrides=_CPU_10K_B100)
+LEADERBOARD_RESNET = Table("leaderboard-resnet20", "Every rule in a ResNet-20", _LB_SRC,
+                           _rule_rows({"ResNet-20": "resnet20"}),
+                           epochs=100, cpu_epochs=1, quick_epochs=1, profile_overrides=_CPU_10K_B100)
+#: PFA's expansion ratio k (n_mid = k * out), with FA (no learned feedback) and bp for reference.
+PFA_SWEEP = Table("pfa-sweep", "PFA: the expansion ratio", "Li & Benna 2024 (expansion ratio); this book's runs",
+                  _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("bp", "fa", "pfa(1)", "pfa(2)", "pfa(5)", "pfa(10)")),
+                  epochs=100, cpu_epochs=10, dataset="fashion-mnist")
+#: KP with and without its decay, under plain SGD (lr 0.01, batch 100), where B - W shrinks by
+#: (1 - lr * decay) every step.
+KP_DECAY = Table("kp-decay", "Kolen-Pollack: the decay makes B converge to W", "Akrout et al. 2019; this book's runs",
+                 _rule_rows({"DD": _dd("", "", "", "", "ce")}, ("kp(0)", "kp(0.01)", "kp(0.1)"), optimizer="sgd"),
+                 epochs=100, cpu_epochs=10, dataset="fashion-mnist", base={"batch_size": 100})
+
+#: BioTorch's published CIFAR-10 top-1 *error* (%) with SGD (Sanfiz & Akrout 2021, "Benchmarking the
+#: Accuracy and Robustness of Feedback Alignment Algorithms"): theirs, not run here.
+BIOTORCH_PUBLISHED: dict[str, dict[str, float]] = {
+    "ResNet-20": {"bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2},
+    "LeNet": {"bp": 14.23, "fa": 46.69, "dfa": 54.21, "usf": 16.22, "brsf": 16.02, "frsf": 16.86},
+}
+
+# --- Xiao et al. 2018: sign symmetry vs feedback alignment in deep nets (chapter 8) ----------------
+def _xiao_rows(specs: dict[str, str]) -> tuple[Row, ...]:
+    """bp, then usf and fa each in every layer and with the last layer kept on backprop."""
+    return tuple(Row(f"{net}/{r}{'+last-bp' if keep else ''}", spec, {}, {"rule": r, "keep_last_bp": keep})
+                 for net, spec in specs.items()
+                 for r, keep in (("bp", False), ("usf", False), ("usf", True), ("fa", False), ("fa", True)))
+
+
+_XIAO_SRC = "Xiao et al. 2018 (ImageNet; the summary we reproduce from gives no numbers)"
+XIAO_RESNET = Table("xiao-resnet18", "Sign symmetry and feedback alignment in a ResNet-18", _XIAO_SRC,
+                    _xiao_rows({"ResNet-18": "resnet18"}), epochs=30, cpu_epochs=2, quick_epochs=1,
+                    base={"batch_size": 128},
+                    profile_overrides={**_CPU_10K, "quick": {"spec": "resnet18@8"}})
+XIAO_DEPTH = Table("xiao-depth", "Depth: plain conv nets of 2 to 8 conv layers, width 16", _XIAO_SRC,
+                   tuple(Row(f"plain{d}/{r}", f"plain{d}x16", {}, {"rule": r})
+                         for d in (2, 4, 6, 8) for r in ("bp", "usf", "fa")),
+                   epochs=30, cpu_epochs=3, quick_epochs=1, base={"batch_size": 128}, profile_overrides=_CPU_10K)
+
+TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
+                                                UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV, LEADERBOARD_MLP,
+                                                LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY,
+                                                XIAO_RESNET, XIAO_DEPTH)}
+
+
+def get_table(name: str) -> Table:
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; accepted: {', '.join(TABLES)}")
+    return TABLES[name]
+
+
+def summarize(table: Table, runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
+    """One line per row: the report's number at its nearest epoch, ours as mean ± std over seeds."""
+    lines = []
+    for row in table.rows:
+        rs = [r for (label, _), r in runs.items() if label == row.label]
+        if not rs:
+            continue
+        epochs = rs[0].config.epochs
+        finals = [100 * r.final["test_acc"] for r in rs if r.status == "completed"]
+        rep_epoch = min(row.report, key=lambda e: abs(e - epochs)) if row.report else None
+        report = row.report.get(rep_epoch) if rep_epoch else np.nan
+        mean = float(np.mean(finals)) if finals else np.nan
+        std = float(np.std(finals, ddof=1)) if len(finals) > 1 else np.nan
+        lines.append({"row": row.label, "report": report, "report_epochs": rep_epoch,
+                      "mean": mean, "std": std, "n": len(finals), "diverged": sum(r.status == "diverged" for r in rs),
+                      "delta": mean - report, "epochs": epochs, "dataset": rs[0].config.dataset,
+                      "n_train": rs[0].env.get("n_train"),
+                      "profile": rs[0].config.profile, "device": rs[0].env.get("device_name", "?")})
+    return pd.DataFrame(lines)
+
+
+@dataclass
+class TableResult:
+    """What :func:`run_table` returns: the summary, every epoch of every run, and alignment."""
+
+    summary: pd.DataFrame
+    histories: pd.DataFrame          # row, seed, epoch, train/test loss and accuracy, status
+    alignment: pd.DataFrame          # row, seed, epoch, layer, angle_BW, angle_delta, ...
+    runs: dict
+
+    def __iter__(self):              # summary, histories = run_table(...)
+        return iter((self.summary, self.histories))
+
+
+def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
+    """The per-layer alignment metrics of every epoch, long form."""
+    rows = []
+    for (label, seed), r in runs.items():
+        for h in r.history.to_dict("records"):
+            metrics = h.get("alignment")
+            if not isinstance(metrics, dict):   # epochs without metrics, diverged epochs
+                continue
+            for layer, m in metrics.items():
+                rows.append({"row": label, "seed": seed, "epoch": h["epoch"], "layer": layer, **m})
+    return pd.DataFrame(rows)
+
+
+def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
+                  dataset: str | None = None) -> str:
+    """The command line that runs (or completes) a table."""
+    cmd = f"python -m asymlib table {name} --profile {profile} --seeds {seeds}"
+    if epochs is not None:
+        cmd += f" --epochs {epochs}"
+    if dataset is not None:
+        cmd += f" --dataset {dataset}"
+    return cmd
+
+
+def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
+              dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
+              progress: bool = True, only: list[str] | None = None) -> TableResult:
+    """Run (or load) every row of a table with each seed.
+
+    Returns a :class:`TableResult`; ``summary, histories = run_table(...)`` unpacks its first two.
+    """
+    table = get_table(name)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError(f"seeds must be at least 1 (or a non-empty list of seeds), got {seeds!r}")
+    labels = [r.label for r in table.rows]
+    if only is not None:
+        unknown = [o for o in only if o not in labels]
+        if unknown or not only:
+            raise ValueError(f"--only: table {name!r} has no row(s) {unknown or '(none given)'}; "
+                             f"its rows: {', '.join(labels)}")
+    store = store or ResultStore()
+    todo = [cfg for seed in seed_list for cfg in table.configs(profile, seed, epochs, dataset, device)
+            if not only or cfg.name in only]
+    if stored_only():
+        missing = [c for c in todo if store.load(c) is None]
+        if missing:
+            raise MissingRuns(f"table {name!r} ({profile} profile) lacks {len(missing)} of {len(todo)} stored runs: "
+                              + ", ".join(f"{c.name} seed {c.seed}" for c in missing[:12])
+                              + (" ..." if len(missing) > 12 else "") + ". Produce them with: "
+                              + table_command(name, profile, len(seed_list), epochs, dataset)
+                              + " (then commit results/)")
+    runs: dict[tuple[str, int], Run] = {}
+    for cfg in todo:
+        runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
+    hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
+            for (label, seed), r in runs.items()]
+    return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
+                       alignment_frame(runs), runs)

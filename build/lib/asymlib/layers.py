@@ -1,0 +1,325 @@
+r"""Layers whose backward pass follows a feedback rule.
+
+Every layer here is one linear map :math:`a = \mathcal{W}(h)` (dense, convolution, or untied
+convolution) and one autograd function, :class:`_FeedbackFunction`, whose explicit backward computes
+
+.. math:: \delta h = \mathcal{B}^\top(G) \quad\text{(the rule's matrix, never W's)},\qquad
+          \nabla_W = \text{the usual weight gradient of } \mathcal{W} \text{ at } (h, G),
+
+so the backprop input gradient is never computed and thrown away. A layer implements three maps:
+``forward_op(x, W, b)``, ``grad_input(G, B, x_shape)`` and ``grad_weight(x, G)``; the rule decides
+which B ``grad_input`` gets.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .rules import FeedbackRule, get_rule, glorot_uniform_
+
+__all__ = ["FeedbackLayer", "Linear", "Conv2d", "LocallyConnected2d", "exact_backprop",
+           "feedback_layers"]
+
+
+class _FeedbackFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer: "FeedbackLayer", x: Tensor, weight: Tensor, bias: Tensor | None,
+                *feedback_params: Tensor) -> Tensor:
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return layer.forward_op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, G: Tensor):
+        layer: FeedbackLayer = ctx.layer
+        rule = layer.rule
+        x, W = ctx.saved_tensors
+        G = G.contiguous()
+        need_x = ctx.needs_input_grad[1]
+        if layer.exact or not rule.direct:
+            # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
+            B = W if layer.exact else rule.feedback(layer)
+            gx, gW = layer.grads(x, G, B, need_x)
+        else:  # a rule with its own delta (DFA)
+            gx = rule.input_grad(layer, G, x) if need_x else None
+            gW = layer.grad_weight(x, G)
+        gb = layer.grad_bias(G) if ctx.has_bias else None
+        return (None, gx, rule.weight_grad(layer, gW), gb, *rule.feedback_grads(layer, gW))
+
+
+class FeedbackLayer(nn.Module):
+    """Base of :class:`Linear`, :class:`Conv2d` and :class:`LocallyConnected2d`.
+
+    ``weight`` (and ``bias``) are parameters; the rule's state lives on the layer as buffers
+    (fixed matrices) or parameters (learned feedback), all named ``feedback_*``.
+    ``layer.B`` is the feedback matrix in force, for every rule.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _finish_init(self, rule, bias_shape: tuple[int, ...] | None, init: str, **rule_kwargs) -> None:
+        if init not in ("glorot", "torch"):
+            raise ValueError(f"init must be 'glorot' (the report's) or 'torch' (torch's default), got {init!r}")
+        if init == "glorot":
+            glorot_uniform_(self.weight, self.fans())
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(bias_shape)) if bias_shape is not None else None
+        if self.bias is not None and init == "torch":
+            bound = 1 / math.sqrt(self.fans()[0])
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.rule: FeedbackRule = get_rule(rule, **rule_kwargs)
+        #: when True, backward uses B = W whatever the rule (see :func:`exact_backprop`)
+        self.exact = False
+        self.rule.bind(self)
+
+    # -- what each layer type defines ---------------------------------------------------------
+    def fans(self) -> tuple[int, int]:
+        """(fan_in, fan_out) for Glorot's init of W and of the rule's random matrices."""
+        return nn.init._calculate_fan_in_and_fan_out(self.weight)
+
+    def forward_op(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def grad_input(self, G: Tensor, B: Tensor, x_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def grad_weight(self, x: Tensor, G: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_bias(self, G: Tensor) -> Tensor:
+        return G.sum(dim=[d for d in range(G.dim()) if d != 1])
+
+    def grads(self, x: Tensor, G: Tensor, B: Tensor, need_input: bool) -> tuple[Tensor | None, Tensor]:
+        """(input gradient through B or None, weight gradient); layers may fuse the two."""
+        return (self.grad_input(G, B, x.shape) if need_input else None), self.grad_weight(x, G)
+
+    def in_features_total(self) -> int:
+        """Number of input units per example (sizes DFA's matrices)."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    @property
+    def B(self) -> Tensor:
+        """The matrix the input gradient goes through (W itself for ``bp``; ``num_classes x in``
+        for ``dfa``), detached."""
+        return self.rule.feedback(self).detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            self.rule.on_forward(self)
+        return _FeedbackFunction.apply(self, x, self.weight, self.bias,
+                                       *self.rule.feedback_params(self))
+
+    def _rule_repr(self) -> str:
+        return f", bias={self.bias is not None}, rule={self.rule!r}"
+
+
+class Linear(FeedbackLayer):
+    r"""Dense layer :math:`a = h W^\top + b` with input gradient :math:`\delta h = G B`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rule: "str | FeedbackRule | None" = "bp", init: str = "glorot", **rule_kwargs):
+        super().__init__()
+        _positive("Linear", in_features=in_features, out_features=out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self._finish_init(rule, (out_features,) if bias else None, init, **rule_kwargs)
+
+    def forward_op(self, x, W, b):
+        return F.linear(x, W, b)
+
+    def grad_input(self, G, B, x_shape):
+        return (G @ B).view(x_shape)
+
+    def grad_weight(self, x, G):
+        return G.reshape(-1, G.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    def grad_bias(self, G):
+        return G.reshape(-1, G.shape[-1]).sum(0)
+
+    def in_features_total(self):
+        return self.in_features
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}" + self._rule_repr()
+
+
+def _positive(layer: str, **sizes) -> None:
+    """ValueError naming the argument unless every size is a positive int (or pair of them)."""
+    for arg, v in sizes.items():
+        vals = v if isinstance(v, tuple) else (v,)
+        if not all(isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in vals):
+            raise ValueError(f"{layer}: {arg} must be a positive integer (or a pair of them), got {v!r}")
+
+
+def _padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if any(k % 2 == 0 for k in kernel_size) or stride != (1, 1):
+            raise ValueError(f"padding='same' needs an odd kernel and stride 1, got kernel "
+                             f"{kernel_size} stride {stride}; give the padding as an int")
+        return (kernel_size[0] // 2, kernel_size[1] // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+    return _pair(padding)
+
+
+def _out_size(size: tuple[int, int], k, s, p) -> tuple[int, int]:
+    return tuple((size[i] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2))
+
+
+class Conv2d(FeedbackLayer):
+    r"""Convolution :math:`a = W \star h` with input gradient :math:`\delta h = B^\top \star G`
+    (the transposed convolution with the rule's kernel B instead of W).
+
+    ``input_size=(H, W)`` is needed only by rules that size matrices by the input (``dfa``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, rule: "str | FeedbackRule | None" = "bp", init: str = "glorot",
+                 input_size: "tuple[int, int] | int | None" = None, **rule_kwargs):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        _positive("Conv2d", in_channels=in_channels, out_channels=out_channels, kernel_size=self.kernel_size,
+                  stride=self.stride)
+        self.padding = _padding(padding, self.kernel_size, self.stride)
+        self.input_size = _pair(input_size) if input_size is not None else None
+        if self.input_size is not None:
+            _positive("Conv2d", input_size=self.input_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
+        self._finish_init(rule, (out_channels,) if bias else None, init, **rule_kwargs)
+
+    def forward_op(self, x, W, b):
+        return F.conv2d(x, W, b, self.stride, self.padding)
+
+    def grad_input(self, G, B, x_shape):
+        return torch.nn.grad.conv2d_input(x_shape, B.to(G.dtype), G, self.stride, self.padding)
+
+    def grad_weight(self, x, G):
+        return torch.nn.grad.conv2d_weight(x, self.weight.shape, G, self.stride, self.padding)
+
+    def grads(self, x, G, B, need_input):
+        # one fused call: the weight gradient depends on the kernel's shape only, so passing B
+        # gives delta = B^T * G and grad W = G * x together, as torch's own conv backward does
+        gx, gW, _ = torch.ops.aten.convolution_backward(
+            G, x, B.to(G.dtype), None, self.stride, self.padding, (1, 1), False, (0, 0), 1,
+            (need_input, True, False))
+        return gx, gW
+
+    def in_features_total(self):
+        if self.input_size is None:
+            raise ValueError(f"Conv2d with rule {self.rule.name!r} needs input_size=(H, W)")
+        return self.in_channels * self.input_size[0] * self.input_size[1]
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}" + self._rule_repr())
+
+
+class LocallyConnected2d(FeedbackLayer):
+    r"""Untied convolution (the report's §4): a convolution whose kernel differs at every output
+    position l. With :math:`U = \mathrm{unfold}(h)` (``N x c x L``, :math:`c = C_{in} k_h k_w`):
+
+    .. math:: a_{n,o,l} = \sum_c W_{o,l,c} U_{n,c,l}, \qquad
+              \delta U_{n,c,l} = \sum_o B_{o,l,c} G_{n,o,l}, \qquad
+              (\nabla W)_{o,l,c} = \sum_n G_{n,o,l} U_{n,c,l},
+
+    and :math:`\delta h = \mathrm{fold}(\delta U)`. ``weight`` has shape ``(out, L, c)``; with every
+    position's kernel equal to a conv kernel, the layer is that :class:`Conv2d`. The bias is untied
+    too, one per output unit ``(out, H_out, W_out)``. Glorot's fans are a conv kernel's
+    (:math:`C_{in} k^2`, :math:`C_{out} k^2`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1,
+                 padding=0, bias: bool = True, rule: "str | FeedbackRule | None" = "bp",
+                 init: str = "glorot", **rule_kwargs):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        _positive("LocallyConnected2d", in_channels=in_channels, out_channels=out_channels,
+                  kernel_size=self.kernel_size, stride=self.stride)
+        if input_size is None:
+            raise ValueError("LocallyConnected2d: input_size=(H, W) is required (each output position has "
+                             "its own kernel, so the layer is built for one input size)")
+        self.padding = _padding(padding, self.kernel_size, self.stride)
+        self.input_size = _pair(input_size)
+        _positive("LocallyConnected2d", input_size=self.input_size)
+        self.output_size = _out_size(self.input_size, self.kernel_size, self.stride, self.padding)
+        if min(self.output_size) < 1:
+            raise ValueError(f"LocallyConnected2d: kernel {self.kernel_size} does not fit input "
+                             f"{self.input_size} with padding {self.padding}")
+        L = self.output_size[0] * self.output_size[1]
+        c = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.weight = nn.Parameter(torch.empty(out_channels, L, c))
+        self._finish_init(rule, (out_channels, *self.output_size) if bias else None, init, **rule_kwargs)
+
+    def fans(self):
+        k = self.kernel_size[0] * self.kernel_size[1]
+        return self.in_channels * k, self.out_channels * k
+
+    def _unfold(self, x: Tensor) -> Tensor:
+        return F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+
+    def forward_op(self, x, W, b):
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(f"LocallyConnected2d built for input {self.input_size}, got {tuple(x.shape[-2:])}")
+        a = torch.einsum("olc,ncl->nol", W, self._unfold(x))
+        a = a.reshape(x.shape[0], self.out_channels, *self.output_size)
+        return a + b if b is not None else a
+
+    def grad_input(self, G, B, x_shape):
+        dU = torch.einsum("olc,nol->ncl", B.to(G.dtype), G.flatten(2))
+        return F.fold(dU, self.input_size, self.kernel_size, padding=self.padding, stride=self.stride)
+
+    def grad_weight(self, x, G):
+        return torch.einsum("nol,ncl->olc", G.flatten(2), self._unfold(x))
+
+    def grad_bias(self, G):
+        return G.sum(0)
+
+    def in_features_total(self):
+        return self.in_channels * self.input_size[0] * self.input_size[1]
+
+    def tie_(self, kernel: Tensor) -> "LocallyConnected2d":
+        """Set every position's kernel to the conv ``kernel`` (``out x in x kh x kw``)."""
+        with torch.no_grad():
+            self.weight.copy_(kernel.reshape(self.out_channels, 1, -1).expand_as(self.weight))
+        return self
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"input_size={self.input_size}, stride={self.stride}, padding={self.padding}"
+                + self._rule_repr())
+
+
+def feedback_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
+    """(name, layer) for every feedback layer of ``model``, in forward order of registration."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, FeedbackLayer))
+
+
+@contextlib.contextmanager
+def exact_backprop(model: nn.Module):
+    """Within the block, every feedback layer of ``model`` sends back :math:`G W` (true backprop).
+
+    Used by the alignment metrics to get backprop's delta with the same weights on the same batch.
+    """
+    layers = [m for _, m in feedback_layers(model)]
+    saved = [m.exact for m in layers]
+    for m in layers:
+        m.exact = True
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.exact = s

@@ -1,0 +1,217 @@
+"""The result store: one small JSON per run under ``results/``, written atomically.
+
+A run is identified by the hash of its config (:meth:`asymlib.training.Config.key`): everything that
+changes its numbers, not its label, profile name or device. A run's file is
+``results/<profile>/<dataset>/<key>.json``; while it trains, ``<key>.ckpt.pt`` beside it holds the last
+finished epoch (model, optimizer and RNG states), so a killed run resumes where it stopped.
+
+What a stored number is tied to, beyond its key: the data set's fingerprint and the library's code
+fingerprint (:func:`code_fingerprint`, a hash of asymlib's source files), both in ``env``; a checkpoint
+carries them too, with the thread count, and is never resumed by different data, code or threads.
+A file that cannot be read is a :class:`StoreError` naming it and the way out (``--force`` retrains).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import REPO_ROOT
+
+__all__ = ["ResultStore", "StoreError", "atomic_write_bytes", "environment", "git_sha", "code_fingerprint"]
+
+#: keys every stored run has (anything less is a corrupt file)
+RECORD_KEYS = ("config", "status", "history", "env")
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "torch_rng", "perm_rng")
+
+
+class StoreError(RuntimeError):
+    """A results file that cannot be read or written: the message names it and what to do."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of asymlib's own source files: the code version that works in a git checkout, a wheel
+    and a Colab clone alike (a checkpoint is resumed only by the code that wrote it)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def git_sha() -> str:
+    """The repository's commit when asymlib was imported (the code that runs), with ``-dirty``
+    when asymlib/ had uncommitted changes then."""
+    return _GIT_SHA
+
+
+def _read_git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "asymlib"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+_GIT_SHA = _read_git_sha()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What produced a number: code version, library versions, machine and device."""
+    from . import __version__
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"asymlib": __version__, "git_sha": git_sha(), "code": code_fingerprint(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
+            "device_name": dev_name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "host": platform.node()}
+
+
+class ResultStore:
+    """Stored runs under ``root`` (default: the repository's ``results/``)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else REPO_ROOT / "results"
+
+    def path(self, config) -> Path:
+        """``<root>/<profile>/<dataset>/<key>.json`` (``results/quick/`` is not committed)."""
+        dataset = re.sub(r"[^\w.\-]+", "_", config.dataset)
+        return self.root / config.profile / dataset / f"{config.key()}.json"
+
+    def checkpoint_path(self, config) -> Path:
+        return self.path(config).with_suffix(".ckpt.pt")
+
+    def load(self, config) -> dict | None:
+        """The stored record of ``config``, or None; a file that is not a whole record raises
+        :class:`StoreError` naming it."""
+        p = self.path(config)
+        if not p.is_file():
+            return None
+        return read_record(p)
+
+    def save(self, config, record: dict) -> Path:
+        p = self.path(config)
+        data = (json.dumps(_json_safe(record), indent=1, sort_keys=False) + "\n").encode()
+        self._write(p, data)
+        return p
+
+    def _write(self, p: Path, data: bytes) -> None:
+        try:
+            atomic_write_bytes(p, data)
+        except OSError as e:
+            raise StoreError(f"cannot write {p}: {e.strerror or e}. Make {self.root} writable and free "
+                             f"some disk space (or pass another results folder), then rerun the same "
+                             f"command: finished epochs resume from their checkpoint.") from e
+
+    def check_writable(self, config, need_bytes: int = 0) -> None:
+        """Fail before training, not after the first epoch: the run's folder can be created and
+        written, and has ``need_bytes`` free (a checkpoint and the record) plus 1 MB."""
+        folder = self.path(config).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise StoreError(f"the results folder {folder} is not writable ({e.strerror or e}); "
+                             f"fix its permissions or use another results folder") from e
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes + 2**20:
+            raise StoreError(f"only {free / 2**20:.1f} MB free under {folder}; this run's checkpoint and "
+                             f"record need about {(need_bytes + 2**20) / 2**20:.1f} MB: free some disk space")
+
+    def save_checkpoint(self, config, state: dict) -> None:
+        import io
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self._write(self.checkpoint_path(config), buf.getvalue())
+
+    def load_checkpoint(self, config) -> dict | None:
+        """The checkpoint of ``config``, or None; an unreadable one raises :class:`StoreError`."""
+        p = self.checkpoint_path(config)
+        if not p.is_file():
+            return None
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:   # truncated zip, garbage bytes, an unpickling error...
+            raise StoreError(f"checkpoint {p} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                             f"delete it to start the run again, or rerun with --force") from None
+        missing = [k for k in CHECKPOINT_KEYS if not (isinstance(state, dict) and k in state)]
+        if missing:
+            raise StoreError(f"checkpoint {p} lacks {', '.join(missing)}; delete it to start the run "
+                             f"again, or rerun with --force")
+        return state
+
+    def drop_checkpoint(self, config) -> None:
+        self.checkpoint_path(config).unlink(missing_ok=True)
+
+    def records(self) -> list[dict]:
+        """Every stored run (for the book's tables)."""
+        return [read_record(p) for p in sorted(self.root.glob("*/*/*.json"))]
+
+
+def read_record(p: Path) -> dict:
+    """One stored run; :class:`StoreError` naming the file when it is not a whole record."""
+    how = "delete it, or rerun with --force to retrain it"
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"results file {p} is corrupt ({e}); {how}") from None
+    missing = [k for k in RECORD_KEYS if not (isinstance(rec, dict) and k in rec)]
+    if missing:
+        raise StoreError(f"results file {p} lacks {', '.join(missing)}; {how}")
+    if not isinstance(rec["history"], list) or not rec["history"]:
+        raise StoreError(f"results file {p} has no epochs in its history; {how}")
+    return rec

@@ -1,0 +1,394 @@
+"""Training one config: the loop, its per-epoch history, divergence, checkpoints and resume.
+
+    cfg = Config(spec="Input - dense512 - dense256 - dense10(R)", dataset="cifar10-jpeg", epochs=5)
+    run = train(cfg)              # loads the stored run if this config was run before
+    run.history                   # DataFrame, one row per epoch
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .builder import build, parse_spec
+from .models import named_model
+from .data import DATASETS, TensorData, canonical_dataset, data_fingerprint, load_dataset
+from .losses import get_loss
+from .metrics import alignment
+from .optim import OPTIMIZERS, clip_asymmetric_grads, make_optimizer
+from .rules import canonical_rule, get_rule
+from .store import ResultStore, StoreError, code_fingerprint, environment
+
+__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "DIVERGED_LOSS", "divergence",
+           "MissingRuns", "stored_only"]
+
+
+class MissingRuns(RuntimeError):
+    """Stored-only mode (the published book) met a run that is not stored: the message names the
+    runs and the command that produces them."""
+
+
+def stored_only() -> bool:
+    """``ASYMLIB_STORED_ONLY=1`` (``python -m asymlib.book --stored-only``): load, never train."""
+    return os.environ.get("ASYMLIB_STORED_ONLY", "") not in ("", "0")
+
+#: A run whose mean training loss over an epoch exceeds this or is not finite, or whose test loss
+#: (weights) stops being finite, is ``diverged`` from that epoch on. Chance-level cross-entropy on 10
+#: classes is ln 10 = 2.3. Random-feedback nets without weight decay grow their logits, and their
+#: cross-entropy can reach 1e5 while accuracy is still well above chance (9-layer FA/DFA MLPs); a loss
+#: of 1e6 means logits of order 1e6, where float32 softmax is a hard argmax and no longer trains.
+DIVERGED_LOSS = 1e6
+
+
+def divergence(history: list[dict]) -> tuple[int, float] | None:
+    """``(epoch, loss)`` of the first epoch that diverged by the rule of :data:`DIVERGED_LOSS`, or None."""
+    for row in history:
+        train = math.nan if row.get("train_loss") is None else float(row["train_loss"])
+        if not math.isfinite(train) or train > DIVERGED_LOSS:
+            return int(row["epoch"]), train
+        test = row.get("test_loss", 0.0)
+        if test is None or not math.isfinite(float(test)):
+            return int(row["epoch"]), math.nan if test is None else float(test)
+    return None
+
+PROFILES = ("quick", "cpu", "full", "custom")
+_KEY_EXCLUDES = ("name", "profile", "device")  # labels and where it ran: not part of a run's identity
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU; use auto or cpu")
+    return dev
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. Defaults follow the report's protocol (batch 500, Adam)."""
+
+    spec: str
+    dataset: str = "cifar10-jpeg"
+    rules: dict[str, str] = field(default_factory=dict)   # marks: {"R": "fa", "R*": "fa-updated"}
+    rule: str | None = None          # rule of every unmarked layer (None: bp)
+    keep_last_bp: bool = False
+    optimizer: str = "adam"
+    lr: float | None = None          # None: the optimizer's default (asymlib.optim.DEFAULT_LR)
+    batch_size: int = 500
+    epochs: int = 100
+    loss: str | None = None          # None: the loss named in the spec
+    clip: float | None = None        # report §5: clip asymmetric weight gradients to [-clip, clip]
+    batch_norm: bool = False
+    bias: bool = False
+    seed: int = 0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    val_split: float = 0.0
+    metrics_every: int = 1           # epochs between alignment metrics (0: never)
+    device: str = "auto"
+    profile: str = "custom"
+    name: str = ""
+
+    def __post_init__(self):
+        self.validate()
+        # one spelling per run, so one run has one key: rule names, loss names, folder paths
+        canon = {"rules": {m: canonical_rule(r) for m, r in self.rules.items()},
+                 "rule": canonical_rule(self.rule), "dataset": canonical_dataset(self.dataset),
+                 "loss": None if self.loss is None else self.loss.lower().replace("-", "").replace("_", "")}
+        for k, v in canon.items():
+            object.__setattr__(self, k, v)
+
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and what is accepted."""
+        for f in ("spec", "dataset", "optimizer", "device", "profile", "name"):
+            if not isinstance(getattr(self, f), str):
+                raise ValueError(f"{f} must be a string, got {getattr(self, f)!r}")
+        for f in ("rule", "loss"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
+                raise ValueError(f"{f} must be a string or None, got {getattr(self, f)!r}")
+        for f in ("keep_last_bp", "batch_norm", "bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be True or False, got {getattr(self, f)!r}")
+        if not isinstance(self.rules, dict) or not all(isinstance(v, str) for v in self.rules.values()):
+            raise ValueError(f"rules must be a dict from the marks R and R* to rule names, got {self.rules!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not (isinstance(self.val_split, (int, float)) and not isinstance(self.val_split, bool)):
+            raise ValueError(f"val_split must be a number in [0, 1), got {self.val_split!r}")
+        if not (self.dataset in DATASETS or self.dataset.startswith("folder:")):
+            raise ValueError(f"unknown data set {self.dataset!r}; accepted: {', '.join(DATASETS)}, folder:<path>")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+        for f, lo in (("epochs", 1), ("batch_size", 1), ("metrics_every", 0)):
+            v = getattr(self, f)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise ValueError(f"{f} must be an integer >= {lo}, got {v!r}")
+        for f in ("train_subset", "test_subset"):
+            v = getattr(self, f)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{f} must be a positive integer or None, got {v!r}")
+        for f in ("lr", "clip"):
+            v = getattr(self, f)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{f} must be a positive number or None, got {v!r}")
+        if not (0 <= self.val_split < 1):
+            raise ValueError(f"val_split must be in [0, 1), got {self.val_split!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; accepted: {', '.join(PROFILES)}")
+        if self.loss is not None:
+            get_loss(self.loss)
+        if named_model(self.spec) is None:
+            parse_spec(self.spec)
+        for mark, r in self.rules.items():
+            if mark not in ("R", "R*"):
+                raise ValueError(f"rules maps the spec's marks R and R*, got mark {mark!r}")
+            get_rule(r)
+        if self.rule is not None:
+            get_rule(self.rule)
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"unknown device {self.device!r}; accepted: auto, cpu, cuda, cuda:N")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Hash of what determines the numbers (not the name, profile label or device).
+
+        Fields at their default value are left out, so that adding a field later (with a default
+        that keeps the old behaviour) leaves the keys of stored runs unchanged."""
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                             else f.default) for f in dataclasses.fields(self)}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _KEY_EXCLUDES and not (k in defaults and v == defaults[k])}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Run:
+    """A finished (or diverged) run as stored."""
+
+    config: Config
+    status: str                      # completed | diverged
+    history: pd.DataFrame
+    env: dict
+    diverged_epoch: int | None = None
+    loaded: bool = False             # True when read from the store without training
+
+    diverged_loss: float | None = None
+
+    @property
+    def final(self) -> pd.Series:
+        return self.history.iloc[-1]
+
+    @classmethod
+    def from_record(cls, rec: dict, loaded: bool) -> "Run":
+        """A run from its stored record. JSON has no NaN (the store writes null): numbers come back
+        as NaN. The status follows :func:`divergence`, so a run stored before a stricter rule
+        existed is read by today's rule (a stored 'completed' with a loss of 1e12 is 'diverged')."""
+        history = pd.DataFrame(rec["history"])
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_loss", "train_eval_acc"):
+            if k in history:
+                history[k] = pd.to_numeric(history[k], errors="coerce").astype(float)
+        status, epoch, loss = rec["status"], rec.get("diverged_epoch"), None
+        found = divergence(rec["history"])
+        if found is not None:
+            status, (epoch, loss) = "diverged", found
+        return cls(Config(**rec["config"]), status, history, rec["env"], epoch, loaded, loss)
+
+
+def _data(cfg: Config, device: torch.device) -> TensorData:
+    data = load_dataset(cfg.dataset)
+    if cfg.train_subset or cfg.test_subset or cfg.val_split:
+        data = data.subset(cfg.train_subset, cfg.test_subset, cfg.val_split, seed=cfg.seed)
+    return data.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, data: TensorData, x_uint8, y, chunk: int = 1000) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``x``, in chunks, in eval mode."""
+    was = model.training
+    model.eval()
+    total, correct = torch.zeros((), device=y.device, dtype=torch.float64), torch.zeros((), device=y.device)
+    for i in range(0, len(y), chunk):
+        out = model(data.normalize(x_uint8[i:i + chunk]))
+        total += loss_fn(out, y[i:i + chunk]).double() * len(out)
+        correct += (out.argmax(1) == y[i:i + chunk]).sum()
+    model.train(was)
+    return float(total) / len(y), float(correct) / len(y)
+
+
+def _state(model, opt, gen, epoch, history) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+            "history": history, "torch_rng": torch.get_rng_state(), "perm_rng": gen.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _check_resume(ckpt: dict, cfg: Config, data: TensorData, path) -> None:
+    """A checkpoint is resumed only with the data, code and thread count that wrote it."""
+    how = f"rerun with --force to start the run again (or delete {path})"
+    wrote = {"data": ckpt.get("data"), "code": ckpt.get("code"), "threads": ckpt.get("threads")}
+    here = {"data": data.fingerprint, "code": code_fingerprint(), "threads": torch.get_num_threads()}
+    if wrote["code"] is None:
+        raise StoreError(f"checkpoint {path} was written by an asymlib that did not record its code version; "
+                         f"its epochs cannot be vouched for: {how}")
+    for k, what in (("data", "data set fingerprint"), ("code", "asymlib code fingerprint")):
+        if wrote[k] != here[k]:
+            raise StoreError(f"checkpoint {path} was written with {what} {wrote[k]}, this is {here[k]}: "
+                             f"resuming would mix the two in one history; {how}")
+    if resolve_device(cfg.device).type == "cpu" and wrote["threads"] != here["threads"]:
+        raise StoreError(f"checkpoint {path} was written with {wrote['threads']} CPU threads, this process "
+                         f"has {here['threads']} (the thread count changes the numbers): set "
+                         f"OMP_NUM_THREADS={wrote['threads']} (or torch.set_num_threads) to resume, or {how}")
+
+
+def _load_verified(cfg: Config, store: ResultStore) -> dict | None:
+    """The stored record of ``cfg``, unless the data set on this machine is not the one it was
+    trained on (then a StoreError: a stored number for other data is not an answer)."""
+    rec = store.load(cfg)
+    if rec is None:
+        return None
+    stored = rec["env"].get("dataset_fingerprint")
+    here = data_fingerprint(cfg.dataset) if stored else None
+    if here is not None and stored != here:
+        raise StoreError(f"{store.path(cfg)} was trained on data set {cfg.dataset!r} with fingerprint "
+                         f"{stored}; the data set here has fingerprint {here}. Rerun with --force to "
+                         f"retrain on this data (it replaces the stored run), or restore the original files.")
+    return rec
+
+
+def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, force: bool = False,
+          on_epoch_end: Callable[[int, dict], None] | None = None) -> Run:
+    """Train ``cfg`` (or load it from ``store`` when it was run before) and store the result.
+
+    Each epoch is checkpointed atomically; a run that was interrupted resumes from its last
+    finished epoch with the same numbers as an uninterrupted one (same seed, device, threads,
+    data and code; anything else is refused). A run that meets :func:`divergence` ends with
+    status ``diverged`` at that epoch. ``on_epoch_end(epoch, row)`` is called after each epoch's
+    checkpoint is written.
+    """
+    store = store or ResultStore()
+    if not force:
+        rec = _load_verified(cfg, store)
+        if rec is not None:
+            return Run.from_record(rec, loaded=True)
+    if stored_only():
+        raise MissingRuns(f"run {cfg.name or cfg.spec!r} (seed {cfg.seed}, {cfg.profile} profile, {cfg.epochs} "
+                          f"epochs) is not stored at {store.path(cfg)}, and ASYMLIB_STORED_ONLY is set (the "
+                          f"published book never trains): train it where the data are, commit results/")
+    device = resolve_device(cfg.device)
+    data = _data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model, loss_fn = build(cfg.spec, data.in_shape, data.num_classes, rules=cfg.rules or None,
+                           rule=cfg.rule, keep_last_bp=cfg.keep_last_bp, batch_norm=cfg.batch_norm,
+                           bias=cfg.bias)
+    if cfg.loss:
+        loss_fn = get_loss(cfg.loss)
+    model.to(device)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    store.check_writable(cfg, need_bytes=4 * n_bytes)   # model + Adam's two moments + the new copy
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    segments: list[dict] = []
+    start = 0
+    ckpt = None if force else store.load_checkpoint(cfg)
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, data, store.checkpoint_path(cfg))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(ckpt["perm_rng"])
+        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        history, start, segments = ckpt["history"], ckpt["epoch"], ckpt.get("segments", [])
+        if start < cfg.epochs:
+            print(f"resuming {cfg.name or cfg.spec} from epoch {start} of {cfg.epochs} "
+                  f"({store.checkpoint_path(cfg)})", file=sys.stderr)
+    env = environment(device)
+    segments = segments + [{"from_epoch": start + 1, "git_sha": env["git_sha"], "host": env["host"]}]
+    n, bs = len(data.train_y), cfg.batch_size
+    n_batches = n // bs  # the last partial batch is dropped (the report's code)
+    if n_batches == 0:
+        raise ValueError(f"batch_size {bs} is larger than the training set ({n} examples)")
+    # a fixed batch of training images for the alignment metrics (files come sorted by class)
+    pidx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(bs, 256)].to(device)
+    probe = (data.normalize(data.train_x[pidx]), data.train_y[pidx])
+    status, diverged_epoch = "completed", None
+    found = divergence(history)
+    if found is not None:   # a checkpoint of a diverged epoch: nothing left to train
+        status, diverged_epoch = "diverged", found[0]
+        start = cfg.epochs
+    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress,
+               desc=(cfg.name or cfg.spec)[:40], leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device)
+        for b in range(n_batches):
+            idx = perm[b * bs:(b + 1) * bs]
+            x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            if cfg.clip is not None:
+                clip_asymmetric_grads(model, cfg.clip)
+            opt.step()
+            loss_sum += loss.detach().double()
+            correct += (out.detach().argmax(1) == y).sum()
+        train_loss = float(loss_sum) / n_batches   # (synchronizes the device: the epoch's steps are done)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / (n_batches * bs),
+               "step_seconds": (time.perf_counter() - t0) / n_batches}   # forward+backward+update, per batch
+        finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if math.isfinite(train_loss) and train_loss <= DIVERGED_LOSS and finite_weights:
+            row["test_loss"], row["test_acc"] = evaluate(model, loss_fn, data, data.test_x, data.test_y)
+        else:
+            row["test_loss"] = row["test_acc"] = math.nan
+        if divergence([row]) is not None:   # a diverged epoch reports no test numbers
+            status, diverged_epoch = "diverged", epoch + 1
+            row["test_loss"] = row["test_acc"] = math.nan
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            break
+        if cfg.metrics_every and ((epoch + 1) % cfg.metrics_every == 0 or epoch + 1 == cfg.epochs):
+            row["alignment"] = alignment(model, loss_fn, *probe)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        store.save_checkpoint(cfg, {**_state(model, opt, gen, epoch + 1, history), "segments": segments,
+                                    "data": data.fingerprint, "code": code_fingerprint(),
+                                    "threads": torch.get_num_threads()})
+        bar.set_postfix(test_acc=f"{row['test_acc']:.4f}", loss=f"{train_loss:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+    bar.close()
+    record = {"config": cfg.to_dict(), "key": cfg.key(), "status": status, "diverged_epoch": diverged_epoch,
+              "history": history, "env": {**env, "segments": segments, "dataset": data.name,
+                                          "dataset_fingerprint": data.fingerprint,
+                                          "n_train": n, "n_test": len(data.test_y)}}
+    store.save(cfg, record)
+    store.drop_checkpoint(cfg)
+    return Run.from_record(store.load(cfg), loaded=False)
