@@ -246,14 +246,15 @@ def _state(model, opt, gen, epoch, history) -> dict:
 
 
 def _check_resume(ckpt: dict, cfg: Config, data: TensorData, path) -> None:
-    """A checkpoint is resumed only with the data, code and thread count that wrote it."""
+    """A checkpoint is resumed only with the data, asymlib code, torch and thread count that wrote it."""
     how = f"rerun with --force to start the run again (or delete {path})"
-    wrote = {"data": ckpt.get("data"), "code": ckpt.get("code"), "threads": ckpt.get("threads")}
-    here = {"data": data.fingerprint, "code": code_fingerprint(), "threads": torch.get_num_threads()}
+    wrote = {k: ckpt.get(k) for k in ("data", "code", "torch", "threads")}
+    here = {"data": data.fingerprint, "code": code_fingerprint(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
     if wrote["code"] is None:
         raise StoreError(f"checkpoint {path} was written by an asymlib that did not record its code version; "
                          f"its epochs cannot be vouched for: {how}")
-    for k, what in (("data", "data set fingerprint"), ("code", "asymlib code fingerprint")):
+    for k, what in (("data", "data set fingerprint"), ("code", "asymlib code fingerprint"), ("torch", "torch")):
         if wrote[k] != here[k]:
             raise StoreError(f"checkpoint {path} was written with {what} {wrote[k]}, this is {here[k]}: "
                              f"resuming would mix the two in one history; {how}")
@@ -380,7 +381,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         history.append(row)
         store.save_checkpoint(cfg, {**_state(model, opt, gen, epoch + 1, history), "segments": segments,
                                     "data": data.fingerprint, "code": code_fingerprint(),
-                                    "threads": torch.get_num_threads()})
+                                    "torch": torch.__version__, "threads": torch.get_num_threads()})
         bar.set_postfix(test_acc=f"{row['test_acc']:.4f}", loss=f"{train_loss:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)

@@ -1,5 +1,6 @@
-"""The published book in a browser: build the HTML (quick profile), open every page in headless
-Chromium, check figures decoded, math rendered, no error outputs; save screenshots.
+"""The published book in a browser: build it with the Pages workflow's own command (stored-only mode:
+every table from the committed results/, nothing trained), open every page in headless Chromium, check
+figures decoded, math rendered, no error outputs, no Colab or injected-parameters cell; save screenshots.
 
 Needs Debian's chromium and chromium-driver; .ci/run installs them and sets ASYMLIB_REQUIRE_BROWSER=1,
 so that in CI a missing browser fails instead of skipping.
@@ -9,6 +10,8 @@ import http.server
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -27,10 +30,23 @@ if not (CHROMIUM and CHROMEDRIVER):
                 allow_module_level=True)
 
 
+def publish_command() -> str:
+    """The command of the Pages workflow's build step."""
+    text = (REPO_ROOT / ".github" / "workflows" / "pages.yml").read_text()
+    m = re.search(r"- name: Build the book \(stored runs only\)\n\s+run: (.+)\n", text)
+    assert m, "pages.yml has no 'Build the book (stored runs only)' step"
+    return m.group(1).strip()
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("book")
-    html = build(profile="quick", src=out / "src", path_output=out)
+def site():
+    cmd = publish_command()
+    assert cmd == "make publish"
+    # the workflow's command, run with this test's Python (its venv is set up already)
+    r = subprocess.run(["make", "publish", f"PY={sys.executable}", "SETUP="], cwd=REPO_ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    html = REPO_ROOT / "_build" / "html"
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -81,6 +97,10 @@ def test_page_loads_with_figures_math_and_no_errors(site, browser, page):
         "return [...document.querySelectorAll('.output.traceback, .output.error, .output.stderr')]"
         ".map(e => e.innerText)")
     assert not [e for e in errors if re.search(r"Error|Traceback|Exception", e)], errors
-    assert "Traceback (most recent call last)" not in browser.find_element("tag name", "body").text
+    body = browser.find_element("tag name", "body").text
+    assert "Traceback (most recent call last)" not in body
+    # the Colab install cell and papermill's injected parameters stay in the notebook, off the page
+    assert "google.colab" not in body and "# Parameters\n" not in body and "REPO_URL" not in body
+    assert "QUICK" not in body, f"{page}: a quick (smoke-test) table in the published book"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOTS / (Path(page).stem + ".png")))

@@ -126,7 +126,7 @@ def _interrupt_at(epoch):
     return stop
 
 
-@pytest.mark.parametrize("change", ["data", "code", "threads"])
+@pytest.mark.parametrize("change", ["data", "code", "torch", "threads"])
 def test_a_checkpoint_is_not_resumed_by_other_data_code_or_threads(tmp_path, store, monkeypatch, change):
     tar = make_tar(tmp_path / "d.tar.gz")
     cfg = Config(spec="Input - dense8 - dense3", dataset=f"folder:{tar}", epochs=3, batch_size=6, device="cpu")
@@ -140,6 +140,9 @@ def test_a_checkpoint_is_not_resumed_by_other_data_code_or_threads(tmp_path, sto
     elif change == "code":
         monkeypatch.setattr(train_mod, "code_fingerprint", lambda: "0" * 16)
         match = "code fingerprint"
+    elif change == "torch":
+        monkeypatch.setattr(torch, "__version__", "0.0.1")
+        match = "torch 0.0.1"
     else:
         threads = torch.get_num_threads()
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
