@@ -197,14 +197,22 @@ def sync_colab_cells(url: str | None = None, branch: str | None = None, root: Pa
     return changed
 
 
-def _hide_injected_parameters(path: Path) -> None:
-    """papermill's injected-parameters cell stays in the notebook, not on the page."""
+def _prepare_for_book(path: Path) -> None:
+    """An executed chapter, made ready for Jupyter Book: papermill's injected-parameters cell stays in
+    the notebook, off the page; a figure shown with :func:`asymlib.report.figure` becomes its cell's
+    numbered, captioned ``mystnb.figure``."""
     import nbformat
     nb = nbformat.read(path, as_version=4)
     for c in nb.cells:
         tags = c.metadata.setdefault("tags", [])
         if "injected-parameters" in tags and "remove-cell" not in tags:
             tags.append("remove-cell")
+        figs = [o.get("metadata", {}).get("asymlib", {}).get("figure") for o in c.get("outputs", [])]
+        figs = [f for f in figs if f]
+        if len(figs) > 1:
+            raise ValueError(f"{path.name}: a cell shows {len(figs)} figures; give each its own cell")
+        if figs:
+            c.metadata["mystnb"] = {"figure": figs[0]}
     nbformat.write(nb, path)
 
 
@@ -242,7 +250,7 @@ def build(profile: str = "auto", only: list[str] | None = None, html: bool = Tru
                                        cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
         except papermill.PapermillExecutionError as e:
             raise RuntimeError(f"chapter {nb.name} failed: {e.ename}: {e.evalue}") from None
-        _hide_injected_parameters(src / "notebooks" / nb.name)
+        _prepare_for_book(src / "notebooks" / nb.name)
     out = path_output / "_build" / "html"
     if html:
         jb = Path(sys.executable).parent / "jupyter-book"

@@ -13,6 +13,7 @@ Profiles:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -303,29 +304,40 @@ def get_table(name: str) -> Table:
 
 
 def summarize(table: Table, runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
-    """One line per row: the report's number at its nearest epoch, ours as mean ± std over seeds."""
+    """One line per row: ours as mean ± std over completed seeds (final epoch), and the report's number
+    at the largest of its epochs our runs reached (``report_epochs``; ``ours_at``: our mean there,
+    ``delta`` the difference). When our runs reached none of the report's epochs, ``report_epochs`` is
+    its first one, ``reached`` is False and there is no delta: the two are not compared."""
     lines = []
     for row in table.rows:
         rs = [r for (label, _), r in runs.items() if label == row.label]
         if not rs:
             continue
         epochs = rs[0].config.epochs
-        finals = [100 * r.final["test_acc"] for r in rs if r.status == "completed"]
-        rep_epoch = min(row.report, key=lambda e: abs(e - epochs)) if row.report else None
-        report = row.report.get(rep_epoch) if rep_epoch else np.nan
+        done = [r for r in rs if r.status == "completed"]
+        finals = [100 * r.final["test_acc"] for r in done]
+        reached = [e for e in sorted(row.report) if e <= epochs]
+        rep_epoch = reached[-1] if reached else (min(row.report) if row.report else None)
+        report = row.report.get(rep_epoch, np.nan) if rep_epoch else np.nan
+        at = [100 * float(r.history.set_index("epoch").test_acc.get(rep_epoch, np.nan)) for r in done] if reached else []
+        ours_at = float(np.mean(at)) if at else np.nan
         mean = float(np.mean(finals)) if finals else np.nan
         std = float(np.std(finals, ddof=1)) if len(finals) > 1 else np.nan
-        lines.append({"row": row.label, "report": report, "report_epochs": rep_epoch,
-                      "mean": mean, "std": std, "n": len(finals), "diverged": sum(r.status == "diverged" for r in rs),
-                      "delta": mean - report, "epochs": epochs, "dataset": rs[0].config.dataset,
-                      "n_train": rs[0].env.get("n_train"),
+        lines.append({"row": row.label, "report": report, "report_epochs": rep_epoch, "reached": bool(reached),
+                      "ours_at": ours_at, "mean": mean, "std": std, "n": len(finals),
+                      "diverged": sum(r.status == "diverged" for r in rs), "delta": ours_at - report,
+                      "epochs": epochs, "dataset": rs[0].config.dataset, "n_train": rs[0].env.get("n_train"),
                       "profile": rs[0].config.profile, "device": rs[0].env.get("device_name", "?")})
     return pd.DataFrame(lines)
 
 
 @dataclass
 class TableResult:
-    """What :func:`run_table` returns: the summary, every epoch of every run, and alignment."""
+    """What :func:`run_table` returns: the summary, every epoch of every run, and alignment; and the
+    questions a claim asks of them (accuracies in %, means over seeds):
+
+        res.final("DSR1"), res.at("DSR1", 100), res.diverged("DSR2"), res.gap("DSR1", "DS0")
+    """
 
     summary: pd.DataFrame
     histories: pd.DataFrame          # row, seed, epoch, train/test loss and accuracy, status
@@ -334,6 +346,65 @@ class TableResult:
 
     def __iter__(self):              # summary, histories = run_table(...)
         return iter((self.summary, self.histories))
+
+    def __contains__(self, row: str) -> bool:
+        return bool((self.summary.row == row).any()) if len(self.summary) else False
+
+    def _line(self, row: str) -> pd.Series:
+        if row not in self:
+            raise KeyError(f"row {row!r} is not in this result; its rows: {', '.join(self.summary.row)}")
+        return self.summary.set_index("row").loc[row]
+
+    def final(self, row: str) -> float:
+        """Mean final test accuracy (%) over the completed seeds; NaN if none completed or not run."""
+        return float(self._line(row)["mean"]) if row in self else math.nan
+
+    def at(self, row: str, epoch: int) -> float:
+        """Mean test accuracy (%) at ``epoch`` over the seeds that reached it (NaN if none did)."""
+        h = self.histories
+        d = h[(h.row == row) & (h.epoch == epoch)].test_acc
+        return 100 * float(d.mean()) if len(d) else math.nan
+
+    def diverged(self, row: str) -> bool:
+        """Every seed of the row diverged (none completed)."""
+        line = self._line(row)
+        return bool(line["n"] == 0 and line["diverged"] > 0)
+
+    def gap(self, a: str, b: str) -> float:
+        """``final(a) - final(b)`` in points."""
+        return self.final(a) - self.final(b)
+
+    def epochs(self, row: str) -> int:
+        """The epochs the row's runs were configured for (a diverged run stops earlier)."""
+        return int(self._line(row)["epochs"])
+
+    def chance(self) -> float:
+        """Chance accuracy (%) of the data set: 100 / classes."""
+        ds = self.summary.dataset.iloc[0] if len(self.summary) else "cifar10"
+        return 100 / NUM_CLASSES.get(ds, 10)
+
+    def at_chance(self, row: str) -> bool:
+        """Trained (not diverged) and within :data:`asymlib.claims.CHANCE_MARGIN` points of chance."""
+        from .claims import CHANCE_MARGIN
+        x = self.final(row)
+        return (not math.isnan(x)) and x <= self.chance() + CHANCE_MARGIN
+
+    def acc_text(self, row: str) -> str:
+        """``"50.1%"``, ``"diverged"`` (every seed) or ``"not run"``."""
+        if row not in self:
+            return "not run"
+        if self.diverged(row):
+            return "diverged"
+        x = self.final(row)
+        return "not run" if math.isnan(x) else f"{x:.1f}%"
+
+    def last(self, row: str, column: str) -> float:
+        """Mean over seeds of ``column`` (e.g. ``train_loss``, ``train_eval_acc``) at each seed's last
+        epoch; NaN when the runs did not record it."""
+        h = self.histories[self.histories.row == row]
+        if column not in h or h.empty:
+            return math.nan
+        return float(h.sort_values("epoch").groupby("seed")[column].last().mean())
 
 
 def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:

@@ -13,32 +13,117 @@ import pandas as pd
 
 from .experiments import TableResult
 
-__all__ = ["comparison", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
+__all__ = ["comparison", "provenance_line", "budget_line", "table", "figure", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
            "verdict", "final_acc", "acc_text", "diff_text", "final_by_seed", "cell_text", "grid_table",
            "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
-    """report | this book (mean ± std) | n | Δ | data set | profile/epochs, and whether |Δ| > 2 std."""
+    """row | the report's number (and its epochs) | ours at that epoch (mean ± std over seeds) | Δ | n.
+
+    Ours is compared with the report's number at the largest of the report's epochs our runs reached;
+    where they reached none, Δ says "report at N epochs, ours at M". Constant facts (data set, profile,
+    epochs, device) belong in the table's caption: :func:`provenance_line`."""
     s = res.summary
+
+    def ours(r) -> str:
+        if r.n == 0:
+            return "diverged" if r.diverged else "—"
+        v = r.ours_at if r.reached else r["mean"]
+        return f"{v:.2f}" + ("" if pd.isna(r["std"]) else f" ± {r['std']:.2f}")
+
     out = pd.DataFrame({
         "row": s.row,
-        "report %": s.report.map(lambda v: "—" if pd.isna(v) else f"{v:.2f}"),
-        "report epochs": s.report_epochs.map(lambda v: "—" if pd.isna(v) else int(v)),
-        "this book %": [("diverged" if n == 0 and d else f"{m:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}"))
-                        for m, sd, n, d in zip(s["mean"], s["std"], s.n, s.diverged)],
-        "n seeds": s.n, "diverged": s.diverged,
-        "Δ (pts)": s.delta.map(lambda v: "—" if pd.isna(v) else f"{v:+.2f}"),
-        "data set": s.dataset, "train images": s.n_train.map(lambda v: "?" if pd.isna(v) else f"{int(v):,}"),
-        "profile / epochs": s.profile + " / " + s.epochs.astype(str),
+        "report %": [("—" if pd.isna(r.report) else f"{r.report:.2f} ({int(r.report_epochs)} ep.)")
+                     for r in s.itertuples()],
+        "ours %": [ours(r) for _, r in s.iterrows()],
+        "Δ (pts)": [("—" if pd.isna(r.report) else f"{r.delta:+.2f}" if r.reached and not pd.isna(r.delta)
+                     else f"report at {int(r.report_epochs)} epochs, ours at {r.epochs}" if not r.reached else "—")
+                    for r in s.itertuples()],
+        "n seeds": s.n,
     })
-    out["gap > 2 std"] = [(not pd.isna(dl)) and (not pd.isna(sd)) and abs(dl) > 2 * sd
-                          for dl, sd in zip(s.delta, s["std"])]
+    out["Δ (pts)"] = out["Δ (pts)"].str.replace("+-", "-", regex=False)
+    out["gap > 2 std"] = [bool(r.reached and not pd.isna(r.delta) and not pd.isna(r["std"]) and abs(r.delta) > 2 * r["std"])
+                          for _, r in s.iterrows()]
+    if s.diverged.any():
+        out.insert(4, "diverged", s.diverged)
     return out
 
 
+def provenance_line(*results: TableResult) -> str:
+    """One line for a table's caption: profile, precision, epochs, seeds, data set (training images),
+    device and code version of the runs behind it."""
+    runs = [r for res in results for r in res.runs.values()]
+    if not runs:
+        return "no runs"
+    def vals(f):
+        return sorted({str(f(r)) for r in runs})
+    n_train = vals(lambda r: f"{int(r.env.get('n_train', 0)):,}")
+    seeds = len({r.config.seed for r in runs})
+    quick = " (QUICK: a smoke test of the pipeline, not a result)" if any(r.config.profile == "quick" for r in runs) else ""
+    return (f"profile {'/'.join(vals(lambda r: r.config.profile))}{quick} · "
+            f"{'/'.join(vals(lambda r: r.env.get('precision', 'fp32')))} · "
+            f"{'/'.join(vals(lambda r: r.config.epochs))} epochs · {seeds} seed{'s' if seeds > 1 else ''} · "
+            f"{'/'.join(vals(lambda r: r.config.dataset))} ({'/'.join(n_train)} training images) · "
+            f"{'/'.join(vals(lambda r: r.env.get('device', r.env.get('device_name', '?'))))} · "
+            f"code {'/'.join(vals(lambda r: str(r.env.get('git_sha', '?'))[:7]))}")
+
+
+def _md_cell(v) -> str:
+    if isinstance(v, float):
+        v = "—" if math.isnan(v) else f"{v:.2f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table(df: pd.DataFrame, caption: str, name: str, index: bool = False):
+    """A numbered, captioned table of the book (``Table 3.1``, cross-referenced as
+    ``{numref}`name```): Markdown with a MyST ``{table}`` directive, which Jupyter Book numbers from
+    the table of contents (``nb_render_markdown_format: myst``). ``index=True`` keeps the index as
+    the first column."""
+    from IPython.display import Markdown
+    if index:
+        df = df.reset_index()
+    if isinstance(df.columns, pd.MultiIndex):
+        df = df.set_axis([" / ".join(map(str, c)) for c in df.columns], axis=1)
+    head = "| " + " | ".join(_md_cell(c) for c in df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return Markdown("\n".join([f":::{{table}} {caption}", f":name: {name}", ":align: left", "", head, rule, *body, ":::"]))
+
+
+def figure(fig, caption: str, name: str) -> None:
+    """Show ``fig`` as a numbered, captioned figure of the book (``Fig. 3.1``, cross-referenced as
+    ``{numref}`name```): the PNG goes out with its caption in the output's metadata, and
+    :func:`asymlib.book.build` turns it into the cell's ``mystnb.figure`` before Jupyter Book runs."""
+    import io
+    from IPython.display import Image, display
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(buf.getvalue()), metadata={"asymlib": {"figure": {"caption": caption, "name": name}}})
+
+
+def budget_line(res: TableResult, rests_on: int, name: str = "") -> str:
+    """The budget of a table beside the report's (Markdown): what ran, how much of the report's
+    epochs that is, and what finishing the report's protocol would take on the same device, from the
+    runs' own measured seconds per epoch."""
+    epochs = int(res.summary.epochs.min()) if len(res.summary) else 0
+    secs = res.histories.groupby("row").seconds.mean() if "seconds" in res.histories else pd.Series(dtype=float)
+    rows = len(res.summary)
+    text = (f"**Budget.** {provenance_line(res)}. The report's claims on this table rest on {rests_on} epochs; "
+            f"ours reach {epochs} ({epochs / rests_on:.0%}).")
+    if epochs < rests_on and len(secs):
+        hours = float(secs.mean()) * (rests_on - epochs) * rows / 3600
+        device = res.summary.device.iloc[0]
+        text += (f" At the {float(secs.mean()):.0f} s per epoch measured here ({device}), the remaining "
+                 f"{rests_on - epochs} epochs of its {rows} rows take about {hours:,.0f} hours; "
+                 f"`python -m asymlib table {name or '<table>'} --profile full` runs the report's protocol "
+                 f"(a GPU's job).")
+    return text
+
+
 def style_comparison(df: pd.DataFrame):
-    """Rows whose gap to the report exceeds 2 std in orange (n = 1 rows have no std: unmarked)."""
+    """Rows whose gap to the report exceeds 2 std in orange (n = 1 rows have no std: unmarked); no index."""
     return df.style.apply(lambda r: ["background-color: #ffe0b2" if r["gap > 2 std"] else "" for _ in r],
                           axis=1).hide(axis="index")
 
@@ -72,9 +157,10 @@ def plot_accuracy(res: TableResult, title: str, rows: list[str] | None = None, a
     return ax
 
 
-def plot_train_test_loss(res: TableResult, title: str, rows: list[str] | None = None):
-    """Train (solid) and test (dashed) loss vs epoch: the gap is overfitting."""
-    h = res.histories
+def plot_train_test_loss(res: TableResult, title: str, rows: list[str] | None = None, *more: TableResult):
+    """Train (solid) and test (dashed) loss vs epoch: the gap is overfitting. Rows may come from
+    ``res`` and the results in ``more``."""
+    h = pd.concat([res.histories, *(m.histories for m in more)], ignore_index=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows or list(res.summary.row):
         d = h[h.row == row].groupby("epoch")[["train_loss", "test_loss"]].mean()

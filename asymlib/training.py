@@ -48,6 +48,8 @@ def stored_only() -> bool:
 #: cross-entropy can reach 1e5 while accuracy is still well above chance (9-layer FA/DFA MLPs); a loss
 #: of 1e6 means logits of order 1e6, where float32 softmax is a hard argmax and no longer trains.
 DIVERGED_LOSS = 1e6
+#: training images evaluated in eval mode after every epoch (``train_eval_acc``)
+TRAIN_EVAL_SIZE = 10_000
 
 
 def divergence(history: list[dict]) -> tuple[int, float] | None:
@@ -336,6 +338,10 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
     # a fixed batch of training images for the alignment metrics (files come sorted by class)
     pidx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(bs, 256)].to(device)
     probe = (data.normalize(data.train_x[pidx]), data.train_y[pidx])
+    # a fixed subset of up to 10,000 training images, evaluated in eval mode at the end of each epoch
+    # like the test set: train vs test accuracy measured the same way (the running accuracy of an
+    # epoch is not: it averages over weights that kept changing)
+    eidx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:min(n, TRAIN_EVAL_SIZE)].to(device)
     status, diverged_epoch = "completed", None
     found = divergence(history)
     if found is not None:   # a checkpoint of a diverged epoch: nothing left to train
@@ -367,6 +373,8 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if math.isfinite(train_loss) and train_loss <= DIVERGED_LOSS and finite_weights:
             row["test_loss"], row["test_acc"] = evaluate(model, loss_fn, data, data.test_x, data.test_y)
+            row["train_eval_loss"], row["train_eval_acc"] = evaluate(model, loss_fn, data, data.train_x[eidx],
+                                                                     data.train_y[eidx])
         else:
             row["test_loss"] = row["test_acc"] = math.nan
         if divergence([row]) is not None:   # a diverged epoch reports no test numbers

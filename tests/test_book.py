@@ -4,7 +4,7 @@ import re
 import nbformat
 import pytest
 
-from asymlib.book import chapter_profile, chapters, repository_url
+from asymlib.book import chapter_profile, chapters, colab_cell, repository_branch, repository_url
 from asymlib.store import ResultStore
 from asymlib.training import Config
 
@@ -22,18 +22,21 @@ def test_chapter_has_one_parameters_cell_and_a_guarded_colab_cell(path):
     assert any(n == "dataset" or n.endswith("_dataset") for n in names), "parameters cell names no data set"
     colab = code[0]
     assert "colab" in colab.metadata.get("tags", []), "the first code cell installs asymlib in Colab"
+    assert colab.source == colab_cell(repository_url(), repository_branch()), "run python -m asymlib.book --sync"
     assert '"google.colab" in sys.modules' in colab.source
-    assert f'REPO_URL = "{repository_url()}"' in colab.source, "run python -m asymlib.book --sync"
     assert "--no-deps" in colab.source, "Colab's torch must not be reinstalled"
+    assert "remove-cell" in colab.metadata.tags, "the Colab cell stays off the rendered page"
 
 
 def test_auto_profile_is_the_best_stored_else_quick(tmp_path):
     store = ResultStore(tmp_path)
     grid = lambda p: [Config(spec="Input - dense10", dataset="digits", profile=p, epochs=1)]
     assert chapter_profile("auto", grid, store) == "quick"
-    store.save(grid("cpu")[0], {"status": "completed"})
+    record = lambda cfg: {"config": cfg.to_dict(), "status": "completed", "env": {},
+                          "history": [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_acc": 0.5}]}
+    store.save(grid("cpu")[0], record(grid("cpu")[0]))
     assert chapter_profile("auto", grid, store) == "cpu"
-    store.save(grid("full")[0], {"status": "completed"})
+    store.save(grid("full")[0], record(grid("full")[0]))
     assert chapter_profile("auto", grid, store) == "full"
     assert chapter_profile("quick", grid, store) == "quick"
     with pytest.raises(ValueError, match="unknown profile 'fast'"):

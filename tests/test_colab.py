@@ -74,7 +74,7 @@ def test_a_chapter_runs_in_colab_from_its_first_cell(colab, stem, tmp_path, monk
              for c in done.cells if c.cell_type == "code"]
     assert f"at {branch} ({head[:7]}" in texts[0] and "GPU:" in texts[0]
     everything = "\n".join(texts)
-    assert "QUICK" not in everything and "cpu profile" in everything
+    assert "QUICK" not in everything and "profile cpu" in everything
     assert "training the other" not in everything                       # nothing trained: all stored
     assert (work / "asymlib-book" / "results").is_dir()
     assert not any(o.get("output_type") == "error" for c in done.cells for o in c.get("outputs", []))

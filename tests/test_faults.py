@@ -142,7 +142,7 @@ def test_a_checkpoint_is_not_resumed_by_other_data_code_or_threads(tmp_path, sto
         match = "code fingerprint"
     elif change == "torch":
         monkeypatch.setattr(torch, "__version__", "0.0.1")
-        match = "torch 0.0.1"
+        match = "this is 0.0.1"
     else:
         threads = torch.get_num_threads()
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)

@@ -54,8 +54,9 @@ def test_the_pages_workflow_deploys_with_the_official_actions():
 
 
 def test_make_publish_is_the_stored_only_book():
-    r = subprocess.run(["make", "-n", "publish", "SETUP="], cwd=REPO, capture_output=True, text=True, check=True)
-    assert r.stdout.strip().endswith("-m asymlib.book --stored-only")
+    r = subprocess.run(["make", "--no-print-directory", "-n", "publish", "SETUP="], cwd=REPO, capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.strip().splitlines()[-1].endswith("/python -m asymlib.book --stored-only")
 
 
 def test_stored_only_mode_names_the_table_the_missing_runs_and_the_command(tmp_path, monkeypatch):
