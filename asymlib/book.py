@@ -209,8 +209,10 @@ def _prepare_for_book(path: Path) -> None:
             tags.append("remove-cell")
         figs = [o.get("metadata", {}).get("asymlib", {}).get("figure") for o in c.get("outputs", [])]
         figs = [f for f in figs if f]
-        if len(figs) > 1:
-            raise ValueError(f"{path.name}: a cell shows {len(figs)} figures; give each its own cell")
+        shown = [o for o in c.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")]
+        if figs and len(shown) > 1:   # Jupyter Book would wrap every output of the cell in the figure
+            raise ValueError(f"{path.name}: a cell shows a figure and {len(shown) - 1} other output(s); "
+                             f"give the figure a cell of its own:\n{c.source[:200]}")
         if figs:
             c.metadata["mystnb"] = {"figure": figs[0]}
     nbformat.write(nb, path)

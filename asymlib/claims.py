@@ -246,10 +246,10 @@ class Claim:
             ours = self.epochs()
         except ValueError:
             ours = 0
-        epochs = f"ours {ours} / report {self.rests_on}"
+        epochs = f"ours {ours} of {self.rests_on}"
         reasons = []
         if ours < MIN_BUDGET * self.rests_on:
-            reasons.append(f"runs of {ours} epochs, under {MIN_BUDGET:.0%} of the report's {self.rests_on}")
+            reasons.append(f"runs of {ours} epochs, under {MIN_BUDGET:.0%} of the {self.rests_on} the claim rests on")
         checks = []
         for c in self.comparisons:
             why = c.open_reason()
@@ -273,21 +273,21 @@ class Claim:
                 "epochs": epochs}
 
 
-def claims_table(claims: Sequence[Claim]):
-    """The verdict table of a chapter: one line per claim, coloured by state, no index."""
+def claims_table(claims: Sequence[Claim], name: str):
+    """The verdict table of a chapter, numbered and captioned: one line per claim."""
+    from .report import table
     df = pd.DataFrame([c.evaluate() for c in claims])
-    colours = {"reproduced": "#c8e6c9", "not reproduced": "#ffcdd2", "partly": "#fff9c4", INCONCLUSIVE: "#e0e0e0"}
-    return (df.style.apply(lambda r: [f"background-color: {colours[r['state']]}" if k == "state" else ""
-                                      for k in r.index], axis=1)
-            .hide(axis="index").set_properties(**{"text-align": "left"}))
+    df["state"] = "**" + df["state"] + "**"
+    return table(df, "The claims tested on these runs: the state each earns by the rules above, its evidence "
+                     "(final test accuracy, mean over seeds) and our epochs of those the claim rests on", name)
 
 
-def claims_summary(claims: Sequence[Claim]) -> str:
+def claims_summary(claims: Sequence[Claim], source: str = "the report's") -> str:
     """The "what we found" paragraph of a chapter (Markdown), computed from the claims' states."""
     vs = [c.evaluate() for c in claims]
     counts = pd.Series([v["state"] for v in vs]).value_counts()
     order = ["reproduced", "partly", "not reproduced", INCONCLUSIVE]
     head = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
-    lines = [f"Of the report's {len(vs)} claims tested here: {head}."]
-    lines += [f"- {v['claim']}: **{v['state']}** ({v['epochs'].replace('ours', 'our runs:')} epochs)" for v in vs]
+    lines = [f"Of {source} {len(vs)} claims tested here: {head}."]
+    lines += [f"- {v['claim']}: **{v['state']}** (epochs: {v['epochs']})" for v in vs]
     return "\n".join(lines)

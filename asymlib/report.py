@@ -13,7 +13,8 @@ import pandas as pd
 
 from .experiments import TableResult
 
-__all__ = ["comparison", "provenance_line", "budget_line", "table", "figure", "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
+__all__ = ["comparison", "comparison_table", "provenance_table", "provenance_line", "budget_line", "table", "figure",
+           "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
            "verdict", "final_acc", "acc_text", "diff_text", "final_by_seed", "cell_text", "grid_table",
            "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle"]
 
@@ -63,7 +64,8 @@ def provenance_line(*results: TableResult) -> str:
     quick = " (QUICK: a smoke test of the pipeline, not a result)" if any(r.config.profile == "quick" for r in runs) else ""
     return (f"profile {'/'.join(vals(lambda r: r.config.profile))}{quick} · "
             f"{'/'.join(vals(lambda r: r.env.get('precision', 'fp32')))} · "
-            f"{'/'.join(vals(lambda r: r.config.epochs))} epochs · {seeds} seed{'s' if seeds > 1 else ''} · "
+            f"{'/'.join(vals(lambda r: r.config.epochs))} epoch{'' if vals(lambda r: r.config.epochs) == ['1'] else 's'} · "
+            f"{seeds} seed{'s' if seeds > 1 else ''} · "
             f"{'/'.join(vals(lambda r: r.config.dataset))} ({'/'.join(n_train)} training images) · "
             f"{'/'.join(vals(lambda r: r.env.get('device', r.env.get('device_name', '?'))))} · "
             f"code {'/'.join(vals(lambda r: str(r.env.get('git_sha', '?'))[:7]))}")
@@ -91,12 +93,29 @@ def table(df: pd.DataFrame, caption: str, name: str, index: bool = False):
     return Markdown("\n".join([f":::{{table}} {caption}", f":name: {name}", ":align: left", "", head, rule, *body, ":::"]))
 
 
+def comparison_table(res: TableResult, caption: str, name: str):
+    """:func:`comparison` as a numbered table; the caption gets the runs' :func:`provenance_line`."""
+    df = comparison(res)
+    df["gap > 2 std"] = df["gap > 2 std"].map({True: "**yes**", False: ""})
+    return table(df, f"{caption} ({provenance_line(res)})", name)
+
+
+def provenance_table(results, name: str):
+    """Every run behind a chapter, as a numbered table."""
+    from .book import provenance
+    runs = [r for res in results for r in res.runs.values()]
+    return table(provenance(runs), "Every run behind this chapter: status, epochs, device and code version", name)
+
+
 def figure(fig, caption: str, name: str) -> None:
     """Show ``fig`` as a numbered, captioned figure of the book (``Fig. 3.1``, cross-referenced as
     ``{numref}`name```): the PNG goes out with its caption in the output's metadata, and
     :func:`asymlib.book.build` turns it into the cell's ``mystnb.figure`` before Jupyter Book runs."""
     import io
-    from IPython.display import Image, display
+    from IPython.display import Image, Markdown, display
+    if fig is None:
+        display(Markdown(f"*({caption}: nothing to draw, the runs recorded no such data)*"))
+        return
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -110,8 +129,8 @@ def budget_line(res: TableResult, rests_on: int, name: str = "") -> str:
     epochs = int(res.summary.epochs.min()) if len(res.summary) else 0
     secs = res.histories.groupby("row").seconds.mean() if "seconds" in res.histories else pd.Series(dtype=float)
     rows = len(res.summary)
-    text = (f"**Budget.** {provenance_line(res)}. The report's claims on this table rest on {rests_on} epochs; "
-            f"ours reach {epochs} ({epochs / rests_on:.0%}).")
+    text = (f"**Budget.** The report's claims on this table rest on {rests_on} epochs; our runs reach {epochs} "
+            f"({epochs / rests_on:.0%}).")
     if epochs < rests_on and len(secs):
         hours = float(secs.mean()) * (rests_on - epochs) * rows / 3600
         device = res.summary.device.iloc[0]

@@ -97,6 +97,15 @@ def test_page_loads_with_figures_math_and_no_errors(site, browser, page):
         "return [...document.querySelectorAll('.output.traceback, .output.error, .output.stderr')]"
         ".map(e => e.innerText)")
     assert not [e for e in errors if re.search(r"Error|Traceback|Exception", e)], errors
+    if re.match(r"notebooks/0[2-8]_", page):   # every figure and table of chapters 2-8: numbered and captioned
+        bare = browser.execute_script(
+            "const a = document.querySelector('article') || document.body;"
+            "const imgs = [...a.querySelectorAll('img')].filter(i => !(i.closest('figure') &&"
+            "  i.closest('figure').querySelector('figcaption .caption-number'))).map(i => 'img ' + i.getAttribute('src'));"
+            "const tabs = [...a.querySelectorAll('table')].filter(t => !t.querySelector('caption .caption-number'))"
+            "  .map(t => 'table ' + t.innerText.slice(0, 60));"
+            "return imgs.concat(tabs);")
+        assert not bare, f"{page}: uncaptioned or unnumbered: {bare}"
     body = browser.find_element("tag name", "body").text
     assert "Traceback (most recent call last)" not in body
     # the Colab install cell and papermill's injected parameters stay in the notebook, off the page

@@ -42,8 +42,8 @@ def test_the_table_result_answers_final_at_diverged_and_gap():
 def test_a_claim_under_budget_is_inconclusive_whatever_the_numbers():
     t = fake({"DDR4": [30] * 10, "DDR1": [38] * 10})           # 10 epochs, the report's column is 200
     v = Claim("R4 below R1", [Below(t, "DDR4", "DDR1")], rests_on=200).evaluate()
-    assert v["state"] == INCONCLUSIVE and "under 50% of the report's 200" in v["evidence"]
-    assert v["epochs"] == "ours 10 / report 200"
+    assert v["state"] == INCONCLUSIVE and "under 50% of the 200 the claim rests on" in v["evidence"]
+    assert v["epochs"] == "ours 10 of 200"
     long = fake({"DDR4": [30] * 100, "DDR1": [38] * 100})       # 100 of 200: enough
     assert Claim("R4 below R1", [Below(long, "DDR4", "DDR1")], rests_on=200).evaluate()["state"] == "reproduced"
 
