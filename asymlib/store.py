@@ -93,10 +93,15 @@ def git_sha() -> str:
 
 
 def _read_git_sha() -> str:
+    """The commit of the checkout asymlib's own source files are in (not of ``$ASYMLIB_HOME``, which
+    may be another checkout); "unknown" for an installed wheel."""
+    src = Path(__file__).resolve().parent.parent
+    if not (src / ".git").exists():
+        return "unknown"
     try:
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "asymlib"],
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "asymlib"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
