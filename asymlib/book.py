@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from .data import REPO_ROOT, DataUnavailable
+from .profiles import PROFILES as REGISTRY, profile_names
 from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only
 
@@ -31,7 +32,7 @@ __all__ = ["Chapter", "chapter_profile", "provenance", "chapters", "repository_u
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BUILD_SRC = REPO_ROOT / "_build" / "src"
-PROFILES = ("quick", "cpu", "full")
+PROFILES = profile_names()   # the registry's: asymlib.profiles
 
 
 def chapter_profile(profile: str, grid: Callable[[str], Iterable[Config]],
@@ -113,9 +114,7 @@ class Chapter:
         def size(table: str, p: str) -> str:
             n = get_table(table).configs(p, 0, self.epochs, self.dataset, self.device)[0].train_subset
             return "full training set" if n is None else f"{n:,} training images"
-        lines = [f"{table}: {p} profile" + (" -- QUICK: 1,000 training images, 1-2 epochs, a smoke test of the "
-                                             "pipeline whose accuracies and verdicts say nothing about the report"
-                                             if p == "quick" else f" ({size(table, p)})")
+        lines = [f"{table}: {p} profile ({size(table, p)})" + (f" -- QUICK: {REGISTRY[p].purpose}" if p == "quick" else "")
                  for table, p in self.profiles.items()]
         return "\n".join(lines)
 

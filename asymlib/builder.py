@@ -30,7 +30,7 @@ from torch import nn
 from .layers import Conv2d, FeedbackLayer, Linear, LocallyConnected2d, feedback_layers
 from .losses import get_loss
 from .models import named_model
-from .rules import DirectFeedback, FeedbackRule, get_rule
+from .rules import FeedbackRule, is_direct, resolve_rules
 
 __all__ = ["build", "Network", "FeedbackNet", "parse_spec", "REPORT_CONV_PADDING", "DEFAULT_MARKS"]
 
@@ -194,41 +194,33 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     shape = tuple(int(s) for s in in_shape)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ValueError(f"in_shape must be (C, H, W) or (F,), got {tuple(in_shape)!r}")
-    dfa: DirectFeedback | None = None
-
-    def resolve(r: "str | FeedbackRule | None") -> FeedbackRule:
-        nonlocal dfa
-        obj = get_rule(r, num_classes=num_classes)
-        if isinstance(obj, DirectFeedback) and obj.num_classes != num_classes:
-            raise ValueError(f"rule {r!r}: DFA's matrices map the output error, and this network has "
-                             f"{num_classes} outputs; write 'dfa' (or 'dfa({num_classes})')")
-        if isinstance(obj, DirectFeedback):  # one DFA object per network: it carries the error
-            dfa = dfa or obj
-            return dfa
-        return obj
-
     weighted = [i for i, t in enumerate(tokens) if t.kind in ("dense", "conv", "untied")]
     last = weighted[-1]
+    layer_marks, paddings = {}, {}
+    for i in weighted:
+        tok = tokens[i]
+        for mark in tok.marks:
+            if mark.upper() in ("R", "R*"):
+                layer_marks[str(i)] = marks_map[mark.upper()]
+            elif _PAD.match(mark.lower()):
+                if tok.kind == "dense":
+                    raise ValueError(f"spec token {tok.text!r}: dense layers take no padding mark")
+                pm = _PAD.match(mark.lower())
+                paddings[i] = int(pm.group(2)) if pm.group(2) else pm.group(1)
+            else:
+                try:
+                    is_direct(mark)
+                except ValueError as err:
+                    raise ValueError(f"spec token {tok.text!r}: bad mark {mark!r} ({err})") from None
+                layer_marks[str(i)] = mark
+    plan = resolve_rules([str(i) for i in weighted], rule, marks=layer_marks, keep_last_bp=keep_last_bp,
+                         num_classes=num_classes)
     modules: list[nn.Module] = []
     n_conv = 0
     for i, tok in enumerate(tokens):
         if tok.kind == "loss":
             continue
-        layer_rule, padding = (None if (keep_last_bp and i == last) else rule), None
-        for mark in tok.marks:
-            if mark.upper() in ("R", "R*"):
-                layer_rule = marks_map[mark.upper()]
-            elif _PAD.match(mark.lower()):
-                if tok.kind == "dense":
-                    raise ValueError(f"spec token {tok.text!r}: dense layers take no padding mark")
-                pm = _PAD.match(mark.lower())
-                padding = int(pm.group(2)) if pm.group(2) else pm.group(1)
-            else:
-                try:
-                    get_rule(mark)
-                except ValueError as err:
-                    raise ValueError(f"spec token {tok.text!r}: bad mark {mark!r} ({err})") from None
-                layer_rule = mark
+        padding = paddings.get(i)
         kind, hidden = tok.kind, i != last
         if kind == "pool":
             if len(shape) != 3:
@@ -245,7 +237,7 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
                 modules.append(nn.Flatten())
                 shape = (shape[0] * shape[1] * shape[2],)
             (width,) = tok.args
-            layer = Linear(shape[0], width, bias=bias, rule=resolve(layer_rule), init=init)
+            layer = Linear(shape[0], width, bias=bias, rule=plan.rules[str(i)], init=init)
             shape = (width,)
             norm = nn.BatchNorm1d(width)
         else:
@@ -257,12 +249,12 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
                     seq = [conv_padding] if isinstance(conv_padding, str) else list(conv_padding)
                     padding = seq[n_conv] if n_conv < len(seq) else "same"
                 n_conv += 1
-                layer = Conv2d(shape[0], C, k, s, padding, bias=bias, rule=resolve(layer_rule),
+                layer = Conv2d(shape[0], C, k, s, padding, bias=bias, rule=plan.rules[str(i)],
                                init=init, input_size=shape[1:])
             else:
                 layer = LocallyConnected2d(shape[0], C, k, shape[1:], s,
                                            untied_padding if padding is None else padding,
-                                           bias=bias, rule=resolve(layer_rule), init=init)
+                                           bias=bias, rule=plan.rules[str(i)], init=init)
             H, W = ((shape[j + 1] + 2 * layer.padding[j] - k[j]) // s + 1 for j in range(2))
             if H < 1 or W < 1:
                 raise ValueError(f"spec token {tok.text!r}: kernel {k} does not fit input {shape}")
@@ -276,8 +268,8 @@ def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), num_classes: int = 1
     if shape != (num_classes,):
         raise ValueError(f"spec {spec!r} ends with output shape {shape}, expected ({num_classes},) "
                          f"for num_classes={num_classes}")
-    if dfa is not None:
-        modules.append(dfa.tap())
+    if plan.dfa is not None:
+        modules.append(plan.dfa.tap())
     loss_tok = [t for t in tokens if t.kind == "loss"]
     loss_name = loss_tok[0].args[0] if loss_tok else "crossentropy"
     model = FeedbackNet(*modules, spec=spec, loss_name=loss_name)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .experiments import TABLES, run_table
 from .optim import OPTIMIZERS
+from .profiles import PROFILES
 from .training import Config, train
 
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("table", help="run a named table and print it beside the paper's numbers")
     t.add_argument("name", choices=list(TABLES))
-    t.add_argument("--profile", default="quick", choices=["quick", "cpu", "full"])
+    t.add_argument("--profile", default="quick", choices=list(PROFILES),
+                   help="; ".join(p.describe() for p in PROFILES.values()))
     t.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epochs")
     t.add_argument("--dataset", default=None, help="override the table's data set")

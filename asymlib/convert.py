@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Conv2d, FeedbackLayer, Linear
-from .rules import DirectFeedback, FeedbackRule, get_rule
+from .rules import FeedbackRule, is_direct, resolve_rules
 
 __all__ = ["convert", "RuleChoice"]
 
@@ -88,21 +88,21 @@ def convert(model: nn.Module, rule: RuleChoice = "bp", *, keep_last_bp: bool = F
     targets = _swappable(model)
     if not targets:
         raise ValueError("convert: the model has no nn.Conv2d or nn.Linear layer to swap")
-    choose = rule if callable(rule) and not isinstance(rule, FeedbackRule) else (lambda n, m: rule)
-    chosen = {name: "bp" if (keep_last_bp and i == len(targets) - 1) else choose(name, m)
-              for i, (name, m) in enumerate(targets)}
-    is_dfa = lambda r: isinstance(r, DirectFeedback) or (isinstance(r, str) and r.strip().lower().startswith("dfa"))
-    sizes, dfa = {}, None
-    if any(is_dfa(r) for r in chosen.values()):
+    mods = dict(targets)
+    per_layer = (lambda name: rule(name, mods[name])) if callable(rule) and not isinstance(rule, FeedbackRule) else rule
+    names = [name for name, _ in targets]
+    choices = {n: (per_layer(n) if callable(per_layer) and not isinstance(per_layer, FeedbackRule) else per_layer)
+               for n in names}
+    sizes, num_classes = {}, None
+    if any(is_direct(c) for i, c in enumerate(choices.values()) if not (keep_last_bp and i == len(names) - 1)):
         if example_input is None:
             raise ValueError("convert: rule 'dfa' needs example_input (one input batch) to size each "
                              "layer's feedback matrix")
-        sizes, num_classes = _probe(model, example_input, list(chosen))
-        first = next(r for r in chosen.values() if is_dfa(r))
-        dfa = first if isinstance(first, DirectFeedback) else get_rule(first, num_classes=num_classes)
+        sizes, num_classes = _probe(model, example_input, names)
+    plan = resolve_rules(names, lambda n: choices[n], keep_last_bp=keep_last_bp, num_classes=num_classes)
     for name, m in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        r = dfa if is_dfa(chosen[name]) else get_rule(chosen[name])   # one DFA object for the network
-        setattr(parent, attr, _feedback_layer(name, m, r, sizes.get(name)))
+        setattr(parent, attr, _feedback_layer(name, m, plan.rules[name], sizes.get(name)))
+    dfa = plan.dfa
     return nn.Sequential(model, dfa.tap()) if dfa is not None else model

@@ -1,15 +1,7 @@
 """The book's experiment grids ("tables"), each defined once at the paper's protocol (``full``),
 with the derived ``cpu`` and ``quick`` profiles, and a runner that returns mean ± std over seeds.
 
-Profiles:
-
-* ``full``  -- the paper's protocol: full training set, the paper's epochs, 3 seeds (a GPU's job).
-* ``cpu``   -- what 2 CPU cores finish in about an hour per chapter: full training set, the table's
-  ``cpu_epochs`` (Table 1 keeps the report's 100 epochs; Table 2: 10, Poggio's net: 3, the
-  untied nets: 1 -- an untied epoch takes about 10 minutes on one core). Liao's conv grid (24 rows)
-  trains on 10,000 images (``profile_overrides``) for 3 epochs.
-* ``quick`` -- CI: 1,000 training and 1,000 test images, 2 epochs (1 for untied nets), batch 100;
-  checks that the whole grid runs, says nothing about accuracy.
+Profiles are defined once, in :mod:`asymlib.profiles`; a table gives each its epochs.
 """
 from __future__ import annotations
 
@@ -21,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .data import NUM_CLASSES
+from .profiles import PROFILES
 from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only, train
 
@@ -53,6 +46,14 @@ class Table:
     #: (train on 10,000 images) or ``{"quick": {"spec": "resnet18@16"}}`` (a narrower smoke test)
     profile_overrides: dict = field(default_factory=dict)
 
+    def describe(self) -> pd.DataFrame:
+        """The table describes itself: one line per row with its spec, what it overrides of the table's
+        settings, and the paper's numbers by epoch."""
+        return pd.DataFrame([{"row": r.label, "spec": r.spec,
+                              "overrides": ", ".join(f"{k}={v}" for k, v in {**self.base, **r.overrides}.items()) or "—",
+                              "report": ", ".join(f"{v:g}% at {e}" for e, v in sorted(r.report.items())) or "—"}
+                             for r in self.rows])
+
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
                 dataset: str | None = None, device: str = "auto") -> list[Config]:
         """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
@@ -77,13 +78,12 @@ def for_classes(spec: str, num_classes: int | None) -> str:
 
 
 def profile_config(cfg: Config, profile: str, epochs: int | None = None) -> Config:
-    """Derive a profile from the paper's (``full``) config; ``epochs`` replaces its epochs."""
-    if profile not in ("quick", "cpu", "full"):
-        raise ValueError(f"unknown profile {profile!r}; accepted: quick, cpu, full")
-    cfg = cfg.replace(profile=profile, epochs=cfg.epochs if epochs is None else epochs)
-    if profile == "quick":
-        cfg = cfg.replace(train_subset=1000, test_subset=1000, batch_size=100)
-    return cfg
+    """Derive a profile (:data:`asymlib.profiles.PROFILES`) from the paper's (``full``) config;
+    ``epochs`` replaces its epochs."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; accepted: {', '.join(PROFILES)}")
+    return cfg.replace(profile=profile, epochs=cfg.epochs if epochs is None else epochs,
+                       **PROFILES[profile].overrides())
 
 
 def _report_rows(specs: dict[str, str], numbers: dict[str, tuple]) -> tuple[Row, ...]:
@@ -291,7 +291,13 @@ XIAO_DEPTH = Table("xiao-depth", "Depth: plain conv nets of 2 to 8 conv layers, 
                          for d in (2, 4, 6, 8) for r in ("bp", "usf", "fa")),
                    epochs=30, cpu_epochs=3, quick_epochs=1, base={"batch_size": 128}, profile_overrides=_CPU_10K)
 
-TABLES: dict[str, Table] = {t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
+# --- Chapter 1: feedback alignment at work on a small MLP ---------------------------------------------
+FA_AT_WORK = Table("fa-at-work", "Feedback alignment at work: bp and fa in a small MLP", "Lillicrap et al. 2016; this book's runs",
+                   tuple(Row(r, "Input - dense128 - dense64 - dense10 - softmax - crossentropy", {}, {"rule": r})
+                         for r in ("bp", "fa")),
+                   epochs=100, cpu_epochs=60, quick_epochs=15, dataset="digits", base={"batch_size": 50})
+
+TABLES: dict[str, Table] = {t.name: t for t in (FA_AT_WORK, TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
                                                 UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV, LEADERBOARD_MLP,
                                                 LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY,
                                                 XIAO_RESNET, XIAO_DEPTH)}

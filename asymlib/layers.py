@@ -124,7 +124,42 @@ class FeedbackLayer(nn.Module):
 
 
 class Linear(FeedbackLayer):
-    r"""Dense layer :math:`a = h W^\top + b` with input gradient :math:`\delta h = G B`."""
+    r"""Dense layer :math:`a = h W^\top + b` whose backward sends the error through the rule's B.
+
+    .. math:: \delta h = G\,B, \qquad \nabla_W = G^\top h, \qquad \nabla_b = \textstyle\sum_n G_n,
+
+    with :math:`G = \partial L / \partial a`; ``rule="bp"`` makes :math:`B = W` (``torch.nn.Linear``'s
+    backward, tested equal to it).
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: add a learnable bias (the report's nets have none: ``bias=False``). Default: True.
+        rule: the feedback rule: a name (``"bp"``, ``"fa"``, ``"fa-updated"``, ``"kp(λ)"``, ``"usf"``,
+            ``"brsf"``, ``"frsf"``, ``"psf(p)"``, ``"dfa"``, ``"pfa(k)"``; see :mod:`asymlib.rules`) or a
+            rule object. Default: ``"bp"``.
+        init: ``"glorot"`` (Glorot-uniform W, the report's) or ``"torch"`` (``nn.Linear``'s).
+        **rule_kwargs: passed to the rule's constructor (e.g. ``p=0.25`` for ``psf``).
+
+    Shape:
+        - Input: :math:`(*, H_{in})` with :math:`H_{in}` = ``in_features``.
+        - Output: :math:`(*, H_{out})` with :math:`H_{out}` = ``out_features``.
+
+    Attributes:
+        weight: the learnable W, ``(out_features, in_features)``.
+        bias: the learnable b, ``(out_features,)``, or None.
+        rule: the :class:`~asymlib.rules.FeedbackRule` in force; its state lives on the layer as
+            ``feedback_*`` buffers (fixed B) or parameters (learned B: R*, KP, PFA).
+        B: the feedback matrix in force, detached, W's shape (``num_classes x in_features`` for DFA).
+
+    Example::
+
+        >>> layer = asymlib.Linear(784, 256, rule="fa")
+        >>> h = torch.randn(32, 784, requires_grad=True)
+        >>> layer(h).sum().backward()          # h.grad = G @ layer.B, not G @ layer.weight
+        >>> layer.weight.grad.shape
+        torch.Size([256, 784])
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  rule: "str | FeedbackRule | None" = "bp", init: str = "glorot", **rule_kwargs):
@@ -179,10 +214,43 @@ def _out_size(size: tuple[int, int], k, s, p) -> tuple[int, int]:
 
 
 class Conv2d(FeedbackLayer):
-    r"""Convolution :math:`a = W \star h` with input gradient :math:`\delta h = B^\top \star G`
-    (the transposed convolution with the rule's kernel B instead of W).
+    r"""2-d convolution :math:`a = W \star h + b` whose backward sends the error through the rule's kernel B:
 
-    ``input_size=(H, W)`` is needed only by rules that size matrices by the input (``dfa``).
+    .. math:: \delta h = B^\top \star G \ \text{(the transposed convolution with B, not W)}, \qquad
+              \nabla_W = G \star h \ \text{(the usual weight gradient)},
+
+    computed together in one ``convolution_backward`` call; ``rule="bp"`` is ``torch.nn.Conv2d``'s
+    backward (tested equal to it).
+
+    Args:
+        in_channels: channels of the input image.
+        out_channels: channels produced by the convolution.
+        kernel_size: size of the kernel, an int or ``(kh, kw)``.
+        stride: stride of the convolution. Default: 1.
+        padding: an int, a pair, ``"same"`` (odd kernel, stride 1) or ``"valid"``. Default: 0.
+        bias: add a learnable bias. Default: True.
+        rule: the feedback rule, a name or a rule object (as :class:`Linear`). Default: ``"bp"``.
+        init: ``"glorot"`` or ``"torch"``.
+        input_size: ``(H, W)`` of the input; needed only by rules that size matrices by the input
+            (``dfa``).
+        **rule_kwargs: passed to the rule's constructor.
+
+    Shape:
+        - Input: :math:`(N, C_{in}, H_{in}, W_{in})`.
+        - Output: :math:`(N, C_{out}, H_{out}, W_{out})`, :math:`H_{out} = \lfloor (H_{in} + 2p - k)/s \rfloor + 1`.
+
+    Attributes:
+        weight: W, ``(out_channels, in_channels, kh, kw)``.
+        bias: ``(out_channels,)`` or None.
+        rule, B: as :class:`Linear` (B has W's shape).
+
+    Example::
+
+        >>> conv = asymlib.Conv2d(3, 32, 5, padding="same", rule="usf")
+        >>> conv(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 32, 32, 32])
+        >>> torch.equal(conv.B.sign(), conv.weight.sign())    # sign symmetry
+        True
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -235,10 +303,36 @@ class LocallyConnected2d(FeedbackLayer):
               \delta U_{n,c,l} = \sum_o B_{o,l,c} G_{n,o,l}, \qquad
               (\nabla W)_{o,l,c} = \sum_n G_{n,o,l} U_{n,c,l},
 
-    and :math:`\delta h = \mathrm{fold}(\delta U)`. ``weight`` has shape ``(out, L, c)``; with every
-    position's kernel equal to a conv kernel, the layer is that :class:`Conv2d`. The bias is untied
-    too, one per output unit ``(out, H_out, W_out)``. Glorot's fans are a conv kernel's
+    and :math:`\delta h = \mathrm{fold}(\delta U)`. With every position's kernel equal to a conv kernel
+    (:meth:`tie_`), the layer is that :class:`Conv2d`. Glorot's fans are a conv kernel's
     (:math:`C_{in} k^2`, :math:`C_{out} k^2`).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding: as :class:`Conv2d`.
+        input_size: ``(H, W)`` of the input (required: each output position has its own kernel).
+        bias: add a learnable bias, untied too: one per output unit. Default: True.
+        rule: the feedback rule, a name or a rule object (B gets W's local structure). Default: ``"bp"``.
+        init: ``"glorot"`` or ``"torch"``.
+        **rule_kwargs: passed to the rule's constructor.
+
+    Shape:
+        - Input: :math:`(N, C_{in}, H, W)` with ``(H, W) = input_size``.
+        - Output: :math:`(N, C_{out}, H_{out}, W_{out})`, as a convolution's.
+
+    Attributes:
+        weight: W, ``(out_channels, L, c)`` with :math:`L = H_{out} W_{out}` positions and
+            :math:`c = C_{in} k_h k_w` inputs per kernel.
+        bias: ``(out_channels, H_out, W_out)`` or None.
+        output_size: ``(H_out, W_out)``.
+        rule, B: as :class:`Linear` (B has W's shape).
+
+    Example::
+
+        >>> untied = asymlib.LocallyConnected2d(3, 32, 5, input_size=(32, 32), padding=2, rule="fa")
+        >>> untied(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 32, 32, 32])
+        >>> untied.weight.shape                 # a 3*5*5 kernel at each of the 32*32 positions
+        torch.Size([32, 1024, 75])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, input_size, stride=1,

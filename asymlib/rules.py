@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FeedbackRule", "Backprop", "FeedbackAlignment", "UpdatedFeedback", "KolenPollack",
     "UniformSignFeedback", "BatchRandomSignFeedback", "FixedRandomSignFeedback",
-    "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "parse_rule", "canonical_rule", "RULES",
+    "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "parse_rule", "canonical_rule", "resolve_rules", "RulePlan", "is_direct", "RULES",
     "glorot_uniform_", "glorot_std",
 ]
 
@@ -449,3 +449,65 @@ def get_rule(rule: "str | FeedbackRule | None", **kwargs) -> FeedbackRule:
     if name != "dfa":
         kwargs.pop("num_classes", None)
     return RULES[name](**kwargs)
+
+
+class RulePlan(NamedTuple):
+    """What :func:`resolve_rules` returns: each layer's rule object, and the network's one DFA object
+    (or None), whose ``tap()`` goes at the network's output."""
+
+    rules: dict
+    dfa: "DirectFeedback | None"
+
+
+def is_direct(choice: "str | FeedbackRule | None") -> bool:
+    """Does this choice name DFA (which needs the network's output count and an output tap)?"""
+    if isinstance(choice, FeedbackRule):
+        return getattr(choice, "direct", False)
+    return choice is not None and parse_rule(choice)[0] == "dfa"
+
+
+def resolve_rules(layers: Sequence[str], rule: "str | FeedbackRule | None | Callable[[str], object]" = None, *,
+                  marks: "Mapping[str, str | FeedbackRule] | None" = None, keep_last_bp: bool = False,
+                  num_classes: int | None = None) -> RulePlan:
+    """The one door for a network's rule choices, used by :func:`asymlib.build`, :func:`asymlib.convert`
+    and the named models alike.
+
+    Args:
+        layers: the feedback layers' names, in forward order (the last one is the output layer).
+        rule: the rule of every layer without a mark: a name, a rule object, None (``bp``), or a
+            function ``name -> rule`` choosing per layer.
+        marks: rules for particular layers (the spec's ``(R)``, ``(R*)``, ``(usf)``...); they win
+            over ``rule`` and ``keep_last_bp``.
+        keep_last_bp: the last layer stays ``bp`` unless marked.
+        num_classes: the network's outputs; needed (and checked) when a layer uses ``dfa``.
+
+    Returns:
+        :class:`RulePlan`: one rule object per layer, each name parsed once here; every DFA layer
+        shares one :class:`DirectFeedback` (it carries the output error to all of them).
+    """
+    marks = dict(marks or {})
+    unknown = [m for m in marks if m not in layers]
+    if unknown:
+        raise ValueError(f"marks name layers that do not exist: {unknown}; layers: {list(layers)}")
+    chosen = {}
+    for i, name in enumerate(layers):
+        if name in marks:
+            chosen[name] = marks[name]
+        elif keep_last_bp and i == len(layers) - 1:
+            chosen[name] = None
+        else:
+            chosen[name] = rule(name) if callable(rule) and not isinstance(rule, FeedbackRule) else rule
+    dfa, out = None, {}
+    for name, choice in chosen.items():
+        if is_direct(choice):
+            if num_classes is None:
+                raise ValueError(f"layer {name!r}: dfa needs the network's number of outputs (num_classes)")
+            obj = get_rule(choice, num_classes=num_classes)
+            if obj.num_classes != num_classes:
+                raise ValueError(f"rule {choice!r}: DFA's matrices map the output error, and this network has "
+                                 f"{num_classes} outputs; write 'dfa' (or 'dfa({num_classes})')")
+            dfa = dfa or obj
+            out[name] = dfa
+        else:
+            out[name] = get_rule(choice)
+    return RulePlan(out, dfa)

@@ -26,7 +26,8 @@ from .data import DATASETS, TensorData, canonical_dataset, data_fingerprint, loa
 from .losses import get_loss
 from .metrics import alignment
 from .optim import OPTIMIZERS, clip_asymmetric_grads, make_optimizer
-from .rules import canonical_rule, get_rule
+from .profiles import CUSTOM, profile_names
+from .rules import canonical_rule
 from .store import ResultStore, StoreError, code_fingerprint, environment
 
 __all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "DIVERGED_LOSS", "divergence",
@@ -63,7 +64,7 @@ def divergence(history: list[dict]) -> tuple[int, float] | None:
             return int(row["epoch"]), math.nan if test is None else float(test)
     return None
 
-PROFILES = ("quick", "cpu", "full", "custom")
+PROFILES = profile_names(custom=True)   # the registry's (asymlib.profiles), and "custom"
 _KEY_EXCLUDES = ("name", "profile", "device")  # labels and where it ran: not part of a run's identity
 
 
@@ -103,7 +104,7 @@ class Config:
     val_split: float = 0.0
     metrics_every: int = 1           # epochs between alignment metrics (0: never)
     device: str = "auto"
-    profile: str = "custom"
+    profile: str = CUSTOM
     name: str = ""
 
     def __post_init__(self):
@@ -163,9 +164,9 @@ class Config:
         for mark, r in self.rules.items():
             if mark not in ("R", "R*"):
                 raise ValueError(f"rules maps the spec's marks R and R*, got mark {mark!r}")
-            get_rule(r)
+            canonical_rule(r)
         if self.rule is not None:
-            get_rule(self.rule)
+            canonical_rule(self.rule)
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ValueError(f"unknown device {self.device!r}; accepted: auto, cpu, cuda, cuda:N")
 

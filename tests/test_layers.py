@@ -265,3 +265,15 @@ def test_rule_names_and_errors():
 def test_repr_names_the_rule():
     assert "rule=psf(0.25)" in repr(asymlib.Linear(3, 2, rule="psf(0.25)"))
     assert "rule=fa" in repr(asymlib.Conv2d(3, 2, 3, rule="fa"))
+
+
+def test_the_layers_docstring_examples_run():
+    import doctest
+    import asymlib
+    import asymlib.layers as L
+    for cls in (L.Linear, L.Conv2d, L.LocallyConnected2d):
+        finder = doctest.DocTestFinder(recurse=False)
+        for t in finder.find(cls, cls.__name__, globs={"asymlib": asymlib, "torch": torch}):
+            assert t.examples, cls.__name__
+            result = doctest.DocTestRunner().run(t)
+            assert result.failed == 0, cls.__name__
