@@ -131,51 +131,50 @@ class Within(Comparison):
 
 
 @dataclass
-class Trains(Comparison):
-    """Row ``a`` trains: final test accuracy at least ``at_least`` % (default: twice chance)."""
+class _RowThreshold(Comparison):
+    """One row against an accuracy threshold (:class:`Trains`, :class:`Fails`)."""
 
     res: object
     a: str
-    at_least: float | None = None
+    limit: float | None = None
+    #: (the word in the evidence, the comparison, what a diverged row counts as)
+    word, above, when_diverged = "", True, False
 
     def pairs(self):
         return [(self.res, self.a)]
 
+    def default(self) -> float:
+        raise NotImplementedError
+
     def threshold(self) -> float:
-        return self.at_least if self.at_least is not None else 2 * self.res.chance()
+        return self.limit if self.limit is not None else self.default()
 
     def check(self):
         if self.res.diverged(self.a):
-            return False
+            return self.when_diverged
         x = self.res.final(self.a)
-        return None if math.isnan(x) else bool(x >= self.threshold())
+        return None if math.isnan(x) else bool(x >= self.threshold() if self.above else x <= self.threshold())
 
     def text(self):
-        return f"{self.a} {self.res.acc_text(self.a)} (trains: >= {self.threshold():g}%)"
+        return f"{self.a} {self.res.acc_text(self.a)} ({self.word}{self.threshold():g}%)"
 
 
-@dataclass
-class Fails(Comparison):
-    """Row ``a`` fails: it diverged, or ends at most ``at_most`` % (default: chance + 5 points)."""
+class Trains(_RowThreshold):
+    """Row ``a`` trains: final test accuracy at least ``limit`` % (default: twice chance)."""
 
-    res: object
-    a: str
-    at_most: float | None = None
+    word, above, when_diverged = "trains: >= ", True, False
 
-    def pairs(self):
-        return [(self.res, self.a)]
+    def default(self):
+        return 2 * self.res.chance()
 
-    def threshold(self) -> float:
-        return self.at_most if self.at_most is not None else self.res.chance() + CHANCE_MARGIN
 
-    def check(self):
-        if self.res.diverged(self.a):
-            return True
-        x = self.res.final(self.a)
-        return None if math.isnan(x) else bool(x <= self.threshold())
+class Fails(_RowThreshold):
+    """Row ``a`` fails: it diverged, or ends at most ``limit`` % (default: chance + 5 points)."""
 
-    def text(self):
-        return f"{self.a} {self.res.acc_text(self.a)} (fails: diverged or <= {self.threshold():g}%)"
+    word, above, when_diverged = "fails: diverged or <= ", False, True
+
+    def default(self):
+        return self.res.chance() + CHANCE_MARGIN
 
 
 @dataclass

@@ -154,24 +154,24 @@ def final_acc(res: TableResult, row: str) -> float:
 
 
 def plot_accuracy(res: TableResult, title: str, rows: list[str] | None = None, ax=None):
-    """Test accuracy vs epoch for every row (mean over seeds, band: min-max)."""
+    """Test accuracy vs epoch for every row: the mean over seeds, and with several seeds a band from the
+    lowest to the highest seed (seaborn)."""
+    import seaborn as sns
     h = res.histories
-    rows = rows or list(res.summary.row)
+    rows = [r for r in (rows or list(res.summary.row)) if (h.row == r).any()]
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        d = h[h.row == row].groupby("epoch").test_acc
-        if d.ngroups == 0:
-            continue
-        m = d.mean()
-        line, = ax.plot(m.index, 100 * m, label=row, marker="o" if len(m) < 12 else None, ms=3)
-        if h[h.row == row].seed.nunique() > 1:
-            ax.fill_between(m.index, 100 * d.min(), 100 * d.max(), alpha=0.15, color=line.get_color())
+    d = h[h.row.isin(rows)].assign(**{"test accuracy [%]": lambda f: 100 * f.test_acc})
+    if len(d):
+        few = d.epoch.nunique() < 12
+        sns.lineplot(d, x="epoch", y="test accuracy [%]", hue="row", hue_order=rows, errorbar=("pi", 100),
+                     marker="o" if few else None, markersize=4, ax=ax)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy [%]")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend() is not None:
+        ax.legend(fontsize=7, ncol=2)
     ax.figure.tight_layout()
     return ax
 
