@@ -65,13 +65,14 @@ class Chapter:
     device: str = "auto"
     seeds: int = 1
     epochs: int | None = None
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (see asymlib.training.PRECISIONS)
     profiles: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def grid(self, *tables: str) -> Callable[[str], list[Config]]:
         """Profile -> every config of ``tables`` (all seeds)."""
         from .experiments import get_table
         return lambda p: [c for name in tables for s in range(self.seeds)
-                          for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device)]
+                          for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device, self.precision)]
 
     def run(self, table: str):
         """Load (or train) ``table``. With ``profile="auto"``: the best profile whose runs for these
@@ -91,7 +92,7 @@ class Chapter:
             raise MissingRuns(f"table {table!r}: {len(missing)} of {len(todo)} runs of the {profile} profile are not "
                               f"stored ({', '.join(f'{c.name} seed {c.seed}' for c in missing[:8])}"
                               f"{' ...' if len(missing) > 8 else ''}); the published book never trains. Produce them "
-                              f"with: {table_command(table, profile, self.seeds, self.epochs, self.dataset)}")
+                              f"with: {table_command(table, profile, self.seeds, self.epochs, self.dataset, self.precision)}")
         if missing:
             stored = len(todo) - len(missing)
             print(f"{table}: {stored} of {len(todo)} runs ({self.seeds} seed(s)) are stored in the {profile} profile; "
@@ -101,7 +102,7 @@ class Chapter:
         self.profiles[table] = profile
         try:
             return run_table(table, profile, self.seeds, self.epochs, self.dataset, self.device, store=store,
-                             progress=False)
+                             progress=False, precision=self.precision)
         except DataUnavailable as e:
             raise DataUnavailable(
                 f"{e}\n\nThis chapter has to train {len(missing)} run(s) of {table!r} and its data set is not "

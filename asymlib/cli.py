@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--val-split", type=float, default=0.0, help="hold out this fraction of training "
                    "data and evaluate on it instead of the test set")
     r.add_argument("--metrics-every", type=int, default=1, help="epochs between alignment metrics (0: never)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or mixed precision: bf16 (CPU or CUDA autocast), fp16 (CUDA, with a grad scaler)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     r.add_argument("--name", default="", help="label stored with the run")
     r.add_argument("--force", action="store_true", help="retrain even if the run is stored")
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epochs")
     t.add_argument("--dataset", default=None, help="override the table's data set")
     t.add_argument("--device", default="auto")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="as for run")
     t.add_argument("--only", nargs="*", default=None, help="run only these rows")
     t.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                          optimizer=a.optimizer, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
                          loss=a.loss, clip=a.clip, batch_norm=a.batch_norm, bias=a.bias, seed=a.seed,
                          train_subset=a.train_subset, test_subset=a.test_subset, val_split=a.val_split,
-                         metrics_every=a.metrics_every, device=a.device, name=a.name)
+                         metrics_every=a.metrics_every, precision=a.precision, device=a.device, name=a.name)
             run = train(cfg, progress=not a.no_progress, force=a.force)
             f = run.final
             status = run.status
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" {'(loaded from the store)' if run.loaded else ''}")
         else:
             summary, _ = run_table(a.name, a.profile, a.seeds, a.epochs, a.dataset, a.device,
-                                   progress=not a.no_progress, only=a.only)
+                                   progress=not a.no_progress, only=a.only, precision=a.precision)
             print(TABLES[a.name].title)
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print(summary.round(2).to_string(index=False))

@@ -55,13 +55,13 @@ class Table:
                              for r in self.rows])
 
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
-                dataset: str | None = None, device: str = "auto") -> list[Config]:
+                dataset: str | None = None, device: str = "auto", precision: str = "fp32") -> list[Config]:
         """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
         if epochs is None:
             epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
         ds = dataset or self.dataset
         cfgs = [profile_config(Config(spec=for_classes(r.spec, NUM_CLASSES.get(ds)), name=r.label, dataset=ds,
-                                      epochs=self.epochs, seed=seed, device=device,
+                                      epochs=self.epochs, seed=seed, device=device, precision=precision,
                                       **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
         if self.profile_overrides.get(profile):
@@ -427,9 +427,11 @@ def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
 
 
 def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
-                  dataset: str | None = None) -> str:
+                  dataset: str | None = None, precision: str = "fp32") -> str:
     """The command line that runs (or completes) a table."""
     cmd = f"python -m asymlib table {name} --profile {profile} --seeds {seeds}"
+    if precision != "fp32":
+        cmd += f" --precision {precision}"
     if epochs is not None:
         cmd += f" --epochs {epochs}"
     if dataset is not None:
@@ -439,7 +441,7 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
 
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
-              progress: bool = True, only: list[str] | None = None) -> TableResult:
+              progress: bool = True, only: list[str] | None = None, precision: str = "fp32") -> TableResult:
     """Run (or load) every row of a table with each seed.
 
     Returns a :class:`TableResult`; ``summary, histories = run_table(...)`` unpacks its first two.
@@ -455,7 +457,7 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
             raise ValueError(f"--only: table {name!r} has no row(s) {unknown or '(none given)'}; "
                              f"its rows: {', '.join(labels)}")
     store = store or ResultStore()
-    todo = [cfg for seed in seed_list for cfg in table.configs(profile, seed, epochs, dataset, device)
+    todo = [cfg for seed in seed_list for cfg in table.configs(profile, seed, epochs, dataset, device, precision)
             if not only or cfg.name in only]
     if stored_only():
         missing = [c for c in todo if store.load(c) is None]
@@ -463,7 +465,7 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
             raise MissingRuns(f"table {name!r} ({profile} profile) lacks {len(missing)} of {len(todo)} stored runs: "
                               + ", ".join(f"{c.name} seed {c.seed}" for c in missing[:12])
                               + (" ..." if len(missing) > 12 else "") + ". Produce them with: "
-                              + table_command(name, profile, len(seed_list), epochs, dataset)
+                              + table_command(name, profile, len(seed_list), epochs, dataset, precision)
                               + " (then commit results/)")
     runs: dict[tuple[str, int], Run] = {}
     for cfg in todo:

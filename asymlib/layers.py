@@ -27,30 +27,55 @@ __all__ = ["FeedbackLayer", "Linear", "Conv2d", "LocallyConnected2d", "exact_bac
            "feedback_layers"]
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on x's device, or None when autocast is off there."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 class _FeedbackFunction(torch.autograd.Function):
+    """The one explicit backward of every feedback layer. Under ``torch.autocast`` the forward and the
+    backward both run in the autocast dtype (bf16, fp16): x, W and B are cast down for the products,
+    while the gradients handed to W, b and a learned B come back in their own dtype (fp32 master
+    weights, fp32 optimizer state). Without autocast nothing is cast: the fp32 numbers are unchanged."""
+
     @staticmethod
     def forward(ctx, layer: "FeedbackLayer", x: Tensor, weight: Tensor, bias: Tensor | None,
                 *feedback_params: Tensor) -> Tensor:
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.dtype = dtype = _autocast_dtype(x)
+        if dtype is None:
+            ctx.save_for_backward(x, weight)
+            return layer.forward_op(x, weight, bias)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
         ctx.save_for_backward(x, weight)
-        return layer.forward_op(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer.forward_op(x, weight, bias)
 
     @staticmethod
     def backward(ctx, G: Tensor):
         layer: FeedbackLayer = ctx.layer
+        x, W = ctx.saved_tensors          # in the compute dtype
+        with torch.autocast(x.device.type, enabled=False) if ctx.dtype is not None else contextlib.nullcontext():
+            return _FeedbackFunction._grads(ctx, layer, x, W, G.to(x.dtype).contiguous())
+
+    @staticmethod
+    def _grads(ctx, layer: "FeedbackLayer", x: Tensor, W: Tensor, G: Tensor):
         rule = layer.rule
-        x, W = ctx.saved_tensors
-        G = G.contiguous()
         need_x = ctx.needs_input_grad[1]
         if layer.exact or not rule.direct:
             # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
-            B = W if layer.exact else rule.feedback(layer)
+            B = W if layer.exact else rule.feedback(layer).to(x.dtype)
             gx, gW = layer.grads(x, G, B, need_x)
         else:  # a rule with its own delta (DFA)
             gx = rule.input_grad(layer, G, x) if need_x else None
             gW = layer.grad_weight(x, G)
-        gb = layer.grad_bias(G) if ctx.has_bias else None
+        gW = gW.to(layer.weight.dtype)    # W's gradient (and a learned B's) in the parameters' dtype
+        gb = layer.grad_bias(G).to(layer.bias.dtype) if ctx.has_bias else None
         return (None, gx, rule.weight_grad(layer, gW), gb, *rule.feedback_grads(layer, gW))
 
 

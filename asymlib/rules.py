@@ -325,7 +325,7 @@ class DirectFeedback(FeedbackRule):
             raise RuntimeError(
                 "dfa: no output error recorded for this batch; put rule.tap() at the network's "
                 "output (asymlib.build does this) so the error reaches the DFA layers")
-        return (self.error @ layer.feedback_weight).view(x.shape)
+        return (self.error.to(x.dtype) @ layer.feedback_weight.to(x.dtype)).view(x.shape)
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}"

@@ -30,7 +30,7 @@ from .profiles import CUSTOM, profile_names
 from .rules import canonical_rule
 from .store import ResultStore, StoreError, code_fingerprint, environment
 
-__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "DIVERGED_LOSS", "divergence",
+__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "PRECISIONS", "autocast", "DIVERGED_LOSS", "divergence",
            "MissingRuns", "stored_only"]
 
 
@@ -49,6 +49,8 @@ def stored_only() -> bool:
 #: cross-entropy can reach 1e5 while accuracy is still well above chance (9-layer FA/DFA MLPs); a loss
 #: of 1e6 means logits of order 1e6, where float32 softmax is a hard argmax and no longer trains.
 DIVERGED_LOSS = 1e6
+#: the precisions a run can train in: the autocast dtype of each (None: plain fp32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: training images evaluated in eval mode after every epoch (``train_eval_acc``)
 TRAIN_EVAL_SIZE = 10_000
 
@@ -103,6 +105,7 @@ class Config:
     test_subset: int | None = None
     val_split: float = 0.0
     metrics_every: int = 1           # epochs between alignment metrics (0: never)
+    precision: str = "fp32"          # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + grad scaler, CUDA)
     device: str = "auto"
     profile: str = CUSTOM
     name: str = ""
@@ -167,6 +170,8 @@ class Config:
             canonical_rule(r)
         if self.rule is not None:
             canonical_rule(self.rule)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; accepted: {', '.join(PRECISIONS)}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ValueError(f"unknown device {self.device!r}; accepted: auto, cpu, cuda, cuda:N")
 
@@ -228,15 +233,24 @@ def _data(cfg: Config, device: torch.device) -> TensorData:
     return data.to(device)
 
 
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a run's precision (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
-def evaluate(model, loss_fn, data: TensorData, x_uint8, y, chunk: int = 1000) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``x``, in chunks, in eval mode."""
+def evaluate(model, loss_fn, data: TensorData, x_uint8, y, chunk: int = 1000,
+             precision: str = "fp32") -> tuple[float, float]:
+    """(mean loss, accuracy) over ``x``, in chunks, in eval mode, in the run's precision."""
     was = model.training
     model.eval()
     total, correct = torch.zeros((), device=y.device, dtype=torch.float64), torch.zeros((), device=y.device)
     for i in range(0, len(y), chunk):
-        out = model(data.normalize(x_uint8[i:i + chunk]))
-        total += loss_fn(out, y[i:i + chunk]).double() * len(out)
+        with autocast(y.device, precision):
+            out = model(data.normalize(x_uint8[i:i + chunk]))
+            loss = loss_fn(out, y[i:i + chunk])
+        total += loss.double() * len(out)
         correct += (out.argmax(1) == y[i:i + chunk]).sum()
     model.train(was)
     return float(total) / len(y), float(correct) / len(y)
@@ -302,6 +316,9 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
                           f"epochs) is not stored at {store.path(cfg)}, and ASYMLIB_STORED_ONLY is set (the "
                           f"published book never trains): train it where the data are, commit results/")
     device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device (autocast with a grad scaler); on the CPU use "
+                         "precision 'bf16'")
     data = _data(cfg, device)
     torch.manual_seed(cfg.seed)
     model, loss_fn = build(cfg.spec, data.in_shape, data.num_classes, rules=cfg.rules or None,
@@ -314,6 +331,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     store.check_writable(cfg, need_bytes=4 * n_bytes)   # model + Adam's two moments + the new copy
     gen = torch.Generator().manual_seed(cfg.seed)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history: list[dict] = []
     segments: list[dict] = []
     start = 0
@@ -324,6 +342,8 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         gen.set_state(ckpt["perm_rng"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ckpt.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         history, start, segments = ckpt["history"], ckpt["epoch"], ckpt.get("segments", [])
@@ -360,12 +380,15 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
             idx = perm[b * bs:(b + 1) * bs]
             x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
             opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
+            with autocast(device, cfg.precision):
+                out = model(x)
+                loss = loss_fn(out, y)
+            scaler.scale(loss).backward()
             if cfg.clip is not None:
+                scaler.unscale_(opt)
                 clip_asymmetric_grads(model, cfg.clip)
-            opt.step()
+            scaler.step(opt)   # opt.step() unless fp16 (then it skips steps whose gradients overflowed)
+            scaler.update()
             loss_sum += loss.detach().double()
             correct += (out.detach().argmax(1) == y).sum()
         train_loss = float(loss_sum) / n_batches   # (synchronizes the device: the epoch's steps are done)
@@ -373,9 +396,10 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
                "step_seconds": (time.perf_counter() - t0) / n_batches}   # forward+backward+update, per batch
         finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if math.isfinite(train_loss) and train_loss <= DIVERGED_LOSS and finite_weights:
-            row["test_loss"], row["test_acc"] = evaluate(model, loss_fn, data, data.test_x, data.test_y)
+            row["test_loss"], row["test_acc"] = evaluate(model, loss_fn, data, data.test_x, data.test_y,
+                                                         precision=cfg.precision)
             row["train_eval_loss"], row["train_eval_acc"] = evaluate(model, loss_fn, data, data.train_x[eidx],
-                                                                     data.train_y[eidx])
+                                                                     data.train_y[eidx], precision=cfg.precision)
         else:
             row["test_loss"] = row["test_acc"] = math.nan
         if divergence([row]) is not None:   # a diverged epoch reports no test numbers
@@ -390,13 +414,14 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         history.append(row)
         store.save_checkpoint(cfg, {**_state(model, opt, gen, epoch + 1, history), "segments": segments,
                                     "data": data.fingerprint, "code": code_fingerprint(),
-                                    "torch": torch.__version__, "threads": torch.get_num_threads()})
+                                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "scaler": scaler.state_dict() if scaler.is_enabled() else None})
         bar.set_postfix(test_acc=f"{row['test_acc']:.4f}", loss=f"{train_loss:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
     bar.close()
     record = {"config": cfg.to_dict(), "key": cfg.key(), "status": status, "diverged_epoch": diverged_epoch,
-              "history": history, "env": {**env, "segments": segments, "dataset": data.name,
+              "history": history, "env": {**env, "precision": cfg.precision, "segments": segments, "dataset": data.name,
                                           "dataset_fingerprint": data.fingerprint,
                                           "n_train": n, "n_test": len(data.test_y)}}
     store.save(cfg, record)

@@ -8,7 +8,7 @@ from asymlib.book import chapter_profile, chapters, colab_cell, repository_branc
 from asymlib.store import ResultStore
 from asymlib.training import Config
 
-REQUIRED = ("profile", "device", "seeds", "epochs")   # and at least one data set: dataset, mlp_dataset, ...
+REQUIRED = ("profile", "device", "seeds", "epochs", "precision")   # and at least one data set: dataset, mlp_dataset, ...
 
 
 @pytest.mark.parametrize("path", chapters(), ids=lambda p: p.stem)

@@ -1,0 +1,117 @@
+"""Mixed precision: every feedback layer and every rule under torch.autocast (bf16 on the CPU here; the
+same code path serves CUDA bf16/fp16). Forward and backward run in bf16; W's gradient, a learned B's
+and the optimizer state stay fp32; the gradients match the fp32 formulas within bf16 tolerance, and
+`bp` matches torch's own layers under the same autocast."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import asymlib
+from asymlib import layers
+from asymlib.training import Config, train
+from asymlib.store import ResultStore
+
+RULES = ["bp", "fa", "fa-updated", "kp(0.01)", "usf", "brsf", "frsf", "psf(0.5)", "pfa(2)"]
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def make(kind, rule):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return asymlib.Linear(24, 16, rule=rule), torch.randn(32, 24)
+    if kind == "conv":
+        return asymlib.Conv2d(3, 8, 3, padding=1, rule=rule, input_size=(8, 8)), torch.randn(4, 3, 8, 8)
+    return asymlib.LocallyConnected2d(3, 8, 3, input_size=(8, 8), padding=1, rule=rule), torch.randn(4, 3, 8, 8)
+
+
+def grads(layer, x, G, bf16: bool):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(1)   # brsf redraws its magnitudes at each training forward: the same draw both times
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    out.backward(G.to(out.dtype))
+    learned = [p.grad for n, p in layer.named_parameters() if n.startswith("feedback")]
+    return x.grad, layer.weight.grad, layer.bias.grad, learned
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "untied"])
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_under_bf16_autocast_matches_its_fp32_formula(kind, rule):
+    layer, x = make(kind, rule)
+    twin = copy.deepcopy(layer)
+    G = torch.randn_like(layer(x))
+    ref = grads(layer, x, G, bf16=False)
+    got = grads(twin, x, G, bf16=True)
+    gx, gW, gb, learned = got
+    assert gx.dtype == gW.dtype == gb.dtype == torch.float32           # master gradients stay fp32
+    assert all(g.dtype == torch.float32 for g in learned)              # a learned B stays fp32
+    assert rel(gx, ref[0]) < 2e-2 and rel(gW, ref[1]) < 2e-2 and rel(gb, ref[2]) < 2e-2, rule
+    for a, b in zip(learned, ref[3]):
+        assert rel(a, b) < 2e-2
+
+
+def test_dfa_under_bf16_autocast_matches_fp32():
+    torch.manual_seed(0)
+    net, loss_fn = asymlib.build("Input - dense32 - dense16 - dense10", (12,), 10, rule="dfa")
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+    loss_fn(net(x), y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(twin(x), y)
+    loss.backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), twin.named_parameters()):
+        # three bf16 layers deep (ReLU masks may flip): the same direction, within a few percent
+        cos = torch.nn.functional.cosine_similarity(q.grad.flatten(), p.grad.flatten(), dim=0)
+        assert q.grad.dtype == torch.float32 and cos > 0.995 and rel(q.grad, p.grad) < 0.1, n
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bp_under_autocast_matches_torchs_own_layer(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        ours, x = asymlib.Linear(24, 16), torch.randn(32, 24)
+        theirs = nn.Linear(24, 16)
+    else:
+        ours, x = asymlib.Conv2d(3, 8, 3, padding=1), torch.randn(4, 3, 8, 8)
+        theirs = nn.Conv2d(3, 8, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    outs, gs = [], []
+    for m in (ours, theirs):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xx)
+        out.float().square().sum().backward()
+        outs.append(out)
+        gs.append((xx.grad, m.weight.grad, m.bias.grad))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=1e-2, atol=1e-2)
+    for a, b in zip(*gs):
+        assert a.dtype == b.dtype and rel(a, b) < 1e-2
+
+
+def test_without_autocast_nothing_is_cast():
+    layer, x = make("linear", "fa")
+    twin = copy.deepcopy(layer)
+    a = grads(layer, x, torch.ones(32, 16), bf16=False)
+    b = grads(twin, x, torch.ones(32, 16), bf16=False)
+    assert all(torch.equal(p, q) for p, q in zip(a[:3], b[:3]))
+
+
+def test_a_bf16_run_trains_stores_its_precision_and_keys_apart(tmp_path):
+    store = ResultStore(tmp_path)
+    base = dict(spec="Input - dense32 - dense10(R*)", dataset="digits", device="cpu", epochs=8, batch_size=50)
+    fp32 = train(Config(**base), store, progress=False)
+    bf16 = train(Config(**base, precision="bf16"), store, progress=False)
+    assert Config(**base).key() != Config(**base, precision="bf16").key()
+    assert bf16.status == "completed" and bf16.env["precision"] == "bf16" and fp32.env["precision"] == "fp32"
+    assert bf16.final["test_acc"] > 0.5 and abs(bf16.final["test_acc"] - fp32.final["test_acc"]) < 0.1
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        train(Config(**base, precision="fp16"), store, progress=False)
+    with pytest.raises(ValueError, match="precision"):
+        Config(**base, precision="fp8")
