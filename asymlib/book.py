@@ -74,6 +74,18 @@ class Chapter:
         return lambda p: [c for name in tables for s in range(self.seeds)
                           for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device, self.precision)]
 
+    def stored(self, table: str) -> str | None:
+        """The best profile in which every run of ``table`` (these seeds, epochs, data set) is stored, or
+        None: a chapter shows an optional table only when it is, and says what would produce it."""
+        grid, store = self.grid(table), ResultStore()
+        return next((p for p in ("full", "cpu") if all(store.load(c) is not None for c in grid(p))), None)
+
+    def not_run_note(self, table: str, profile: str = "cpu") -> str:
+        """Markdown: this table is not stored yet, and the command that runs it."""
+        from .experiments import get_table, table_command
+        return (f"*{get_table(table).title}: not run yet at this budget. "
+                f"`{table_command(table, profile, self.seeds, self.epochs, self.dataset, self.precision)}` runs it.*")
+
     def run(self, table: str):
         """Load (or train) ``table``. With ``profile="auto"``: the best profile whose runs for these
         seeds and epochs are all stored; else the best one with some stored, training the rest; else

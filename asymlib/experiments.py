@@ -190,6 +190,26 @@ CLIPPING = Table(
           for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
     epochs=100, cpu_epochs=20)
 
+# --- Report §3 under plain SGD: the backprop baseline and the two-random-layer rescues ------------
+#: The text's "SGD works with R in the last layer but fails with more random layers" and "max pooling
+#: rescues two random layers" were run under Nesterov only (POGGIO_CLAIMS); these rows test them
+#: under plain SGD, with the baseline PG0-SGD the comparison needs.
+POGGIO_SGD = Table(
+    "poggio-sgd", "Poggio's net under plain SGD: the baseline, max pooling and updated feedback (report §3, text)",
+    "report §3 text (epochs not stated)",
+    (Row("PG0-SGD", _PG.format("", "", "crossentropy"), {}, {"optimizer": "sgd"}),
+     Row("PGR2-SGD-maxpool", _PG_MAX.format("(R)", "(R)", "crossentropy"), {}, {"optimizer": "sgd"}),
+     Row("PGR2-SGD-U", _PG.format("(R*)", "(R*)", "crossentropy"), {}, {"optimizer": "sgd"})),
+    epochs=100, cpu_epochs=3)
+
+# --- Report §5 on Poggio's net: its clipping section follows the Poggio's-net sections ------------
+CLIPPING_POGGIO = Table(
+    "clipping-poggio", "Clipping the asymmetric weight gradient in Poggio's net (report §5)",
+    "report §5 (no numbers: 'all these modifications ruin the training')",
+    tuple(Row(f"{k}-clip{c:g}", TABLE3.rows[i].spec, {}, {"clip": c})
+          for k, i in (("PGR1", 1), ("PGR2", 2)) for c in (1.0, 0.1)) + (TABLE3.rows[1], TABLE3.rows[2]),
+    epochs=300, cpu_epochs=3)
+
 #: the cpu profile of the conv grids trains on 10,000 of the 50,000 training images
 _CPU_10K = {"cpu": {"train_subset": 10_000}}
 #: the same, with batch 100: a few epochs of 10,000 images at batch 500 would be only tens of steps
@@ -297,7 +317,8 @@ FA_AT_WORK = Table("fa-at-work", "Feedback alignment at work: bp and fa in a sma
                          for r in ("bp", "fa")),
                    epochs=100, cpu_epochs=60, quick_epochs=15, dataset="digits", base={"batch_size": 50})
 
-TABLES: dict[str, Table] = {t.name: t for t in (FA_AT_WORK, TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS,
+TABLES: dict[str, Table] = {t.name: t for t in (FA_AT_WORK, TABLE1, TABLE2, TABLE3, TABLE4, POGGIO_CLAIMS, POGGIO_SGD,
+                                                CLIPPING_POGGIO,
                                                 UNTIED_FEEDBACK, CLIPPING, LIAO_MLP, LIAO_CONV, LEADERBOARD_MLP,
                                                 LEADERBOARD_POGGIO, LEADERBOARD_RESNET, PFA_SWEEP, KP_DECAY,
                                                 XIAO_RESNET, XIAO_DEPTH)}
@@ -352,6 +373,12 @@ class TableResult:
 
     def __iter__(self):              # summary, histories = run_table(...)
         return iter((self.summary, self.histories))
+
+    @classmethod
+    def empty(cls) -> "TableResult":
+        """A result with no rows (a table not run yet): every claim on it is open."""
+        return cls(pd.DataFrame(columns=["row", "mean", "std", "n", "diverged", "epochs", "dataset"]),
+                   pd.DataFrame(columns=["row", "seed", "epoch", "test_acc"]), pd.DataFrame(), {})
 
     def __contains__(self, row: str) -> bool:
         return bool((self.summary.row == row).any()) if len(self.summary) else False
