@@ -193,7 +193,7 @@ def read_image_tar(path: str | Path, name: str = "folder") -> TensorData:
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path} is neither an image folder nor a tar archive ({e}); give folder:<dir> "
+        raise ValueError(f"{path} is neither an image folder nor a tar archive ({str(e).splitlines()[0]}); give folder:<dir> "
                          f"with train/<class>/ and test/<class>/, or a .tar(.gz) with that layout") from None
     with tar:
         for member in tar:
