@@ -13,7 +13,7 @@ import threading
 
 import pandas as pd
 
-from .experiments import TABLES, run_table
+from .experiments import TABLES, default_jobs, run_table
 from .optim import OPTIMIZERS
 from .profiles import PROFILES
 from .training import Config, train
@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dataset", default=None, help="override the table's data set")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="as for run")
+    t.add_argument("--jobs", type=_positive_int, default=None,
+                   help="rows trained at once, each in its own process with the cores split among them "
+                        "(default: one per CPU core, or 1 on a GPU)")
+    t.add_argument("--cluster", default="local", choices=["local", "slurm", "auto"],
+                   help="where the jobs run (submitit): this machine, a Slurm cluster, or Slurm when present")
+    t.add_argument("--slurm-partition", default=None, help="with --cluster slurm: the partition")
     t.add_argument("--only", nargs="*", default=None, help="run only these rows")
     t.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -121,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"test_acc={_num(f['test_acc'])} test_loss={_num(f['test_loss'])} train_acc={_num(f['train_acc'])}"
                   f" {'(loaded from the store)' if run.loaded else ''}")
         else:
+            jobs = a.jobs or default_jobs(a.device)
             summary, _ = run_table(a.name, a.profile, a.seeds, a.epochs, a.dataset, a.device,
-                                   progress=not a.no_progress, only=a.only, precision=a.precision)
+                                   progress=not a.no_progress and jobs == 1, only=a.only, precision=a.precision,
+                                   jobs=jobs, cluster=None if a.cluster == "auto" else a.cluster,
+                                   slurm_partition=a.slurm_partition)
             print(TABLES[a.name].title)
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print(summary.round(2).to_string(index=False))

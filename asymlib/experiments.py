@@ -6,8 +6,11 @@ Profiles are defined once, in :mod:`asymlib.profiles`; a table gives each its ep
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +20,8 @@ from .profiles import PROFILES
 from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only, train
 
-__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "table_command", "summarize",
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
+           "table_command", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
@@ -453,6 +457,73 @@ def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _train_job(cfg: Config, root: str, threads: int) -> tuple[str, float]:
+    """One row of a table in its own process (a submitit job): ``threads`` CPU threads, stored in ``root``."""
+    import torch
+    torch.set_num_threads(threads)
+    run = train(cfg, ResultStore(root), progress=False)
+    return run.status, float(run.final["test_acc"])
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Every core busy: one run per core on a CPU (1 thread each, as the committed runs), one on a GPU."""
+    import torch
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu else max(1, os.cpu_count() or 1)
+
+
+def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str | None = "local",
+             folder: str | Path | None = None, timeout_min: int = 24 * 60, slurm_partition: str | None = None,
+             log=print) -> None:
+    """Train ``configs`` (the ones not stored) in ``jobs`` processes at a time, through submitit: its
+    local executor here, Slurm on a cluster (``cluster="slurm"``, or None to pick Slurm when present),
+    results written to ``store`` (a shared folder on a cluster). Each run is resumable on its own; one
+    line per finished row. The numbers are the serial runner's: each run has its seed, device and
+    thread count (the CPU's cores split among the jobs)."""
+    import submitit
+    todo = [c for c in configs if store.load(c) is None]
+    if not todo:
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    folder = Path(folder) if folder is not None else store.root.parent / "_build" / "jobs"
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    executor.update_parameters(timeout_min=timeout_min, cpus_per_task=threads, name="asymlib")
+    if slurm_partition:
+        executor.update_parameters(slurm_partition=slurm_partition, slurm_array_parallelism=jobs)
+    pending, running, done, failed = list(todo), {}, 0, []
+    try:
+        _drive(executor, pending, running, jobs, threads, store, todo, failed, log)
+    except KeyboardInterrupt:   # stop the jobs too: each resumes from its checkpoint next time
+        for job in running:
+            job.cancel(check=False)
+        raise
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: " + "; ".join(failed))
+
+
+def _drive(executor, pending, running, jobs, threads, store, todo, failed, log) -> None:
+    done = 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            cfg = pending.pop(0)
+            running[executor.submit(_train_job, cfg, str(store.root), threads)] = (cfg, time.time())
+        time.sleep(0.5)
+        for job in [j for j in running if j.done()]:
+            cfg, t0 = running.pop(job)
+            done += 1
+            try:
+                status, acc = job.result()
+                log(f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: {status}, test acc "
+                    f"{100 * acc:.2f}% ({(time.time() - t0) / 60:.1f} min)", flush=True)
+            except Exception as e:   # the run's own error (the traceback's last "...Error: ..." line)
+                lines = str(e).strip().splitlines() or [repr(e)]
+                why = next((l.strip() for l in reversed(lines) if re.match(r"\s*[\w.]+(Error|Exception|Unavailable)\b", l)),
+                           lines[-1].strip())
+                failed.append(f"{cfg.name or cfg.spec} seed {cfg.seed}: {why[:300]}")
+                log(f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: FAILED (log: {job.paths.stderr})",
+                    flush=True)
+
+
 def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
                   dataset: str | None = None, precision: str = "fp32") -> str:
     """The command line that runs (or completes) a table."""
@@ -468,7 +539,8 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
 
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
-              progress: bool = True, only: list[str] | None = None, precision: str = "fp32") -> TableResult:
+              progress: bool = True, only: list[str] | None = None, precision: str = "fp32",
+              jobs: int = 1, cluster: str | None = "local", slurm_partition: str | None = None) -> TableResult:
     """Run (or load) every row of a table with each seed.
 
     Returns a :class:`TableResult`; ``summary, histories = run_table(...)`` unpacks its first two.
@@ -494,8 +566,10 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
                               + (" ..." if len(missing) > 12 else "") + ". Produce them with: "
                               + table_command(name, profile, len(seed_list), epochs, dataset, precision)
                               + " (then commit results/)")
+    if jobs > 1 or cluster not in ("local",):
+        run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition)
     runs: dict[tuple[str, int], Run] = {}
-    for cfg in todo:
+    for cfg in todo:   # stored now (the jobs'), or trained here one after the other
         runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
     hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
             for (label, seed), r in runs.items()]

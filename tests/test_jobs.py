@@ -1,0 +1,42 @@
+"""The table runner on several processes (submitit's local executor here; Slurm on a cluster): the
+same stored results as a serial run, one line per finished row, and a failing row named."""
+import pandas as pd
+import pytest
+import torch
+
+from asymlib.experiments import run_table
+from asymlib.store import ResultStore
+
+from test_engine import make_tar, strip
+
+
+@pytest.fixture(scope="module")
+def tar10(tmp_path_factory):
+    from asymlib.data import CIFAR10_CLASSES
+    return make_tar(tmp_path_factory.mktemp("d") / "ten.tar.gz", 200, 20, 32, CIFAR10_CLASSES)
+
+
+def test_jobs_store_the_same_runs_as_a_serial_run(tar10, tmp_path, capsys):
+    rows, ds = ["DS0", "DSR1", "DSR2"], f"folder:{tar10}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                # the jobs' thread count (2 cores / 2 jobs): the same numbers
+    try:
+        serial = run_table("table1", "quick", 1, None, ds, "cpu", ResultStore(tmp_path / "serial"), False, rows)
+    finally:
+        torch.set_num_threads(threads)
+    lines = []
+    parallel = run_table("table1", "quick", 1, None, ds, "cpu", ResultStore(tmp_path / "jobs"), False, rows,
+                         jobs=2, cluster="local")
+    for key, run in serial.runs.items():
+        other = parallel.runs[key]
+        assert run.env["threads"] == other.env["threads"] == 1
+        pd.testing.assert_frame_equal(strip(run.history), strip(other.history))
+    out = capsys.readouterr().out
+    assert out.count("] DS") == 3 and "[3/3]" in out       # one line per row
+    assert "quick" in list((tmp_path / "jobs").iterdir())[0].name
+
+
+def test_a_failing_job_is_named(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="2 run\\(s\\) failed: DS0 seed 0: .*DataUnavailable"):
+        run_table("table1", "quick", 1, None, f"folder:{tmp_path / 'nowhere'}", "cpu", ResultStore(tmp_path / "r"),
+                  False, ["DS0", "DSR1"], jobs=2, cluster="local")
