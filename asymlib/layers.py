@@ -381,6 +381,7 @@ class LocallyConnected2d(FeedbackLayer):
         L = self.output_size[0] * self.output_size[1]
         c = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = nn.Parameter(torch.empty(out_channels, L, c))
+        self._patch_cache = None   # the last training forward's patches, for its weight gradient
         self._finish_init(rule, (out_channels, *self.output_size) if bias else None, init, **rule_kwargs)
 
     def fans(self):
@@ -388,21 +389,69 @@ class LocallyConnected2d(FeedbackLayer):
         return self.in_channels * k, self.out_channels * k
 
     def _unfold(self, x: Tensor) -> Tensor:
+        """``unfold(x)``, ``N x c x L`` (the reference the fast path is tested against)."""
         return F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
+
+    # The fast path: the patches are copied once from the channels-last padded input, so each copied
+    # run is kw * C_in contiguous values, in the order (kh, kw, C_in) -- W and B are permuted to match
+    # (``_to_hwc``) -- and each position's product is one matrix product of a batched matmul.
+    def _patches(self, x: Tensor) -> Tensor:
+        """The patches as ``L x N x c`` with c in the order (kh, kw, C_in)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        xh = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()      # N x Hp x Wp x C_in
+        Ho, Wo = self.output_size
+        n, c = x.shape[0], x.shape[1]
+        s_n, s_h, s_w, s_c = xh.stride()
+        view = xh.as_strided((Ho, Wo, n, kh, kw, c), (s_h * sh, s_w * sw, s_n, s_h, s_w, s_c))
+        return view.reshape(Ho * Wo, n, kh * kw * c)
+
+    def _to_hwc(self, W: Tensor) -> Tensor:
+        """``out x L x c`` (c in unfold's order C_in, kh, kw) -> ``L x c' x out`` (c' = kh, kw, C_in)."""
+        (kh, kw), o, L = self.kernel_size, W.shape[0], W.shape[1]
+        return W.view(o, L, self.in_channels, kh, kw).permute(1, 3, 4, 2, 0).reshape(L, kh * kw * self.in_channels, o)
+
+    def _from_hwc(self, gW: Tensor) -> Tensor:
+        """``L x out x c'`` -> ``out x L x c`` (the inverse order of :meth:`_to_hwc`)."""
+        (kh, kw), L, o = self.kernel_size, gW.shape[0], gW.shape[1]
+        return gW.view(L, o, kh, kw, self.in_channels).permute(1, 0, 4, 2, 3).reshape(o, L, -1)
 
     def forward_op(self, x, W, b):
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(f"LocallyConnected2d built for input {self.input_size}, got {tuple(x.shape[-2:])}")
-        a = torch.einsum("olc,ncl->nol", W, self._unfold(x))
-        a = a.reshape(x.shape[0], self.out_channels, *self.output_size)
+        P = self._patches(x)
+        # training: keep the patches for the weight gradient (the backward's biggest copy otherwise)
+        self._patch_cache = (self._tensor_id(x), P) if self.training else None
+        a = torch.bmm(P, self._to_hwc(W))                                   # L x N x out: a product per position
+        a = a.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, *self.output_size)
         return a + b if b is not None else a
 
-    def grad_input(self, G, B, x_shape):
-        dU = torch.einsum("olc,nol->ncl", B.to(G.dtype), G.flatten(2))
-        return F.fold(dU, self.input_size, self.kernel_size, padding=self.padding, stride=self.stride)
+    def _fold(self, dP: Tensor, x_shape) -> Tensor:
+        """The adjoint of :meth:`_patches`: ``L x N x c'`` back onto the input, summing overlaps."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, H, W = x_shape
+        Ho, Wo = self.output_size
+        dP = dP.view(Ho, Wo, n, kh, kw, c)
+        dxh = dP.new_zeros(n, H + 2 * ph, W + 2 * pw, c)                         # channels-last
+        for i in range(kh):
+            for j in range(kw):
+                dxh[:, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw, :] += dP[:, :, :, i, j, :].permute(2, 0, 1, 3)
+        return dxh[:, ph:ph + H, pw:pw + W, :].permute(0, 3, 1, 2)
 
-    def grad_weight(self, x, G):
-        return torch.einsum("nol,ncl->olc", G.flatten(2), self._unfold(x))
+    def grad_input(self, G, B, x_shape):
+        Bh = self._to_hwc(B.to(G.dtype)).transpose(1, 2).contiguous()           # L x out x c'
+        return self._fold(torch.bmm(G.flatten(2).permute(2, 0, 1).contiguous(), Bh), x_shape)
+
+    @staticmethod
+    def _tensor_id(x: Tensor) -> tuple:
+        return (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
+
+    def grad_weight(self, x, G):   # (contiguous operands: a strided bmm copies batch by batch)
+        cache, self._patch_cache = getattr(self, "_patch_cache", None), None
+        P = cache[1] if cache is not None and cache[0] == self._tensor_id(x) else self._patches(x)
+        return self._from_hwc(torch.bmm(G.flatten(2).permute(2, 1, 0).contiguous(), P))
+
+    def grads(self, x, G, B, need_input):
+        return (self.grad_input(G, B, x.shape) if need_input else None), self.grad_weight(x, G)
 
     def grad_bias(self, G):
         return G.sum(0)

@@ -277,3 +277,24 @@ def test_the_layers_docstring_examples_run():
             assert t.examples, cls.__name__
             result = doctest.DocTestRunner().run(t)
             assert result.failed == 0, cls.__name__
+
+
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 2, 5), (2, 1, 3), (1, (1, 2), (3, 5)), (2, 0, (2, 3))])
+def test_untied_fast_path_matches_the_unfold_formula(stride, padding, kernel):
+    """LocallyConnected2d computes with batched products over positions and a strided patch copy; the
+    unfold/einsum formula of its docstring is the reference."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    lc = asymlib.LocallyConnected2d(3, 4, kernel, (9, 8), stride, padding, bias=False, rule="fa").double()
+    x = torch.randn(5, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    out = lc(x)
+    U = lc._unfold(x.detach())
+    ref = torch.einsum("olc,ncl->nol", lc.weight.detach(), U).reshape(out.shape)
+    assert torch.allclose(out, ref, atol=1e-12)
+    G = torch.randn_like(out)
+    out.backward(G)
+    B = lc.B.double()
+    gx = F.fold(torch.einsum("olc,nol->ncl", B, G.flatten(2)), (9, 8), lc.kernel_size, padding=lc.padding,
+                stride=lc.stride)
+    gw = torch.einsum("nol,ncl->olc", G.flatten(2), U)
+    assert torch.allclose(x.grad, gx, atol=1e-12) and torch.allclose(lc.weight.grad, gw, atol=1e-12)
