@@ -1,11 +1,14 @@
-"""Training-step time of every rule against plain torch backprop, measured in the same run.
+"""Training-step time of every rule against plain torch backprop, and how close to the machine's limit.
 
-    python -m asymlib.bench [--nets ds0 poggio] [--batch 500] [--steps 20] [--device auto]
+    python -m asymlib.bench [--nets ds0 dd poggio untied] [--precisions fp32 bf16] [--batch 500] [--steps 20]
 
-For each network, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and
-one asymlib model per rule are timed step by step in interleaved rounds (so drifts in machine
-load hit all alike); the table gives the median step time (forward + backward + Adam step), the
-median backward time, and both as ratios to plain torch.
+First the machine's matmul peak per precision (a 2048^3 product). Then for each network and
+precision, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and one asymlib
+model per rule are timed step by step in interleaved rounds (so drifts in machine load hit all alike):
+the median step time (forward + backward + Adam step), its ratio to plain torch, the achieved GFLOPS
+(a step is counted as 3x the forward's multiply-adds, 2 FLOPs each: forward, input gradient, weight
+gradient) and that as a fraction of the precision's peak. The untied net (no torch twin) is compared
+with the tied net's ``bp`` step at the same precision.
 """
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ from .layers import Conv2d, Linear
 from .rules import ErrorTap
 from .optim import make_optimizer
 
+_POGGIO = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
+           "Avgpool3*3/2 - dense128 - dense10")
 NETS = {
     "ds0": "Input - dense512 - dense256 - dense10",
-    "poggio": ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
-               "Avgpool3*3/2 - dense128 - dense10"),
+    "dd": "Input - dense512 - dense512 - dense256 - dense256 - dense10",
+    "poggio": _POGGIO,
+    "untied": _POGGIO.replace("Conv", "Untied"),
 }
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BENCH_RULES = ["bp", "fa", "fa-updated", "kp", "usf", "brsf", "frsf", "psf(0.5)", "dfa", "pfa(2)"]
 
 
@@ -54,12 +61,45 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(model, loss_fn, opt, x, y, device) -> tuple[float, float]:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOPS of an n^3 matrix product in ``dtype`` (the best of ``reps``)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the weight layers in one forward pass (from their output shapes)."""
+    from .layers import FeedbackLayer
+    macs, hooks = [0], []
+
+    def hook(m, inp, out):
+        per_output = m.weight[0].numel() if not hasattr(m, "output_size") else m.weight.shape[2]
+        macs[0] += out.numel() * per_output
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, FeedbackLayer)):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return macs[0]
+
+
+def time_step(model, loss_fn, opt, x, y, device, dtype=None) -> tuple[float, float]:
     """(seconds for forward+backward+step, seconds for backward alone)."""
     _sync(device)
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        loss = loss_fn(model(x), y)
     _sync(device)
     t1 = time.perf_counter()
     loss.backward()
@@ -71,31 +111,38 @@ def time_step(model, loss_fn, opt, x, y, device) -> tuple[float, float]:
 
 
 def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup: int = 3,
-          device: str = "cpu", seed: int = 0) -> list[dict]:
-    dev = torch.device(device)
+          device: str = "cpu", seed: int = 0, precision: str = "fp32") -> list[dict]:
+    dev, dtype = torch.device(device), PRECISIONS[precision]
     torch.manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, device=dev)
+    in_shape = (3, 32, 32)
+    x = torch.randn(batch, *in_shape, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     variants = {}
     for rule in rules:
-        model, loss_fn = build(NETS[net], rule=rule)
+        model, loss_fn = build(NETS[net], in_shape, rule=rule)
         variants[rule] = model.to(dev)
-    variants = {"torch": plain_torch(variants["bp"]).to(dev), **variants}
+    if net != "untied":
+        variants = {"torch": plain_torch(variants["bp"]).to(dev), **variants}
+    else:   # no torch twin: the tied net's bp step is the reference
+        variants = {"tied bp": build(NETS["poggio"], in_shape, rule="bp")[0].to(dev), **variants}
+    macs = forward_macs(variants["bp"], x)
     opts = {k: make_optimizer("adam", m.parameters()) for k, m in variants.items()}
     loss_fn = nn.CrossEntropyLoss()
     times = {k: [] for k in variants}
     for i in range(warmup + steps):
         for k, m in variants.items():
-            t = time_step(m, loss_fn, opts[k], x, y, dev)
+            t = time_step(m, loss_fn, opts[k], x, y, dev, dtype)
             if i >= warmup:
                 times[k].append(t)
-    base_step = statistics.median(t[0] for t in times["torch"])
-    base_bwd = statistics.median(t[1] for t in times["torch"])
+    ref = next(iter(variants))
+    base_step = statistics.median(t[0] for t in times[ref])
+    base_bwd = statistics.median(t[1] for t in times[ref])
     rows = []
     for k, ts in times.items():
         step, bwd = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
-        rows.append(dict(net=net, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
-                         step_ratio=step / base_step, backward_ratio=bwd / base_bwd))
+        rows.append(dict(net=net, precision=precision, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
+                         step_ratio=step / base_step, backward_ratio=bwd / base_bwd, reference=ref,
+                         gflops=6 * macs / step / 1e9))
     return rows
 
 
@@ -104,23 +151,30 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     ap.add_argument("--rules", nargs="+", default=BENCH_RULES)
+    ap.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS),
+                    help="default: fp32 and bf16 (and fp16 on CUDA)")
     ap.add_argument("--batch", type=int, default=500, help="batch size (the report's: 500)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (both when CUDA is present)")
     a = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else \
         ["cpu" if a.device == "auto" else a.device]
     rules = a.rules if "bp" in a.rules else ["bp", *a.rules]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {a.batch}, "
-          f"median of {a.steps} steps; ratios are to plain torch (nn.Linear/nn.Conv2d) in this run")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {a.batch}, median of {a.steps} "
+          f"steps; ratios to plain torch (nn.Linear/nn.Conv2d) in the same run, the untied net's to the tied bp step")
     for device in devices:
+        dev = torch.device(device)
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        precisions = a.precisions or (["fp32", "bf16", "fp16"] if device == "cuda" else ["fp32", "bf16"])
+        peaks = {p: matmul_peak(dev, PRECISIONS[p] or torch.float32) for p in precisions}
+        print(f"\n{name}: matmul peak (2048^3) " + ", ".join(f"{p} {g:.0f} GFLOPS" for p, g in peaks.items()))
         for net in a.nets:
-            print(f"\n{net} on {name}")
-            print(f"{'variant':<12}{'step ms':>10}{'x torch':>9}{'bwd ms':>10}{'x torch':>9}")
-            for r in bench(net, rules, a.batch, a.steps, device=device):
-                print(f"{r['variant']:<12}{r['step_ms']:>10.2f}{r['step_ratio']:>9.3f}"
-                      f"{r['backward_ms']:>10.2f}{r['backward_ratio']:>9.3f}")
+            for prec in precisions:
+                print(f"\n{net}, {prec}, on {name}")
+                print(f"{'variant':<12}{'step ms':>10}{'ratio':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}{'of peak':>9}")
+                for r in bench(net, rules, a.batch, a.steps, device=device, precision=prec):
+                    print(f"{r['variant']:<12}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['backward_ms']:>10.1f}"
+                          f"{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}{r['gflops'] / peaks[prec]:>9.1%}")
 
 
 if __name__ == "__main__":
