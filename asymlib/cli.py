@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--metrics-every", type=int, default=1, help="epochs between alignment metrics (0: never)")
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32, or mixed precision: bf16 (CPU or CUDA autocast), fp16 (CUDA, with a grad scaler)")
+    r.add_argument("--channels-last", action="store_true", help="conv nets in torch.channels_last (faster on "
+                   "this CPU: measured 1.6x for Poggio's net)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     r.add_argument("--name", default="", help="label stored with the run")
     r.add_argument("--force", action="store_true", help="retrain even if the run is stored")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                          optimizer=a.optimizer, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs,
                          loss=a.loss, clip=a.clip, batch_norm=a.batch_norm, bias=a.bias, seed=a.seed,
                          train_subset=a.train_subset, test_subset=a.test_subset, val_split=a.val_split,
-                         metrics_every=a.metrics_every, precision=a.precision, device=a.device, name=a.name)
+                         metrics_every=a.metrics_every, precision=a.precision, channels_last=a.channels_last,
+                         device=a.device, name=a.name)
             run = train(cfg, progress=not a.no_progress, force=a.force)
             f = run.final
             status = run.status

@@ -60,8 +60,11 @@ class _FeedbackFunction(torch.autograd.Function):
     def backward(ctx, G: Tensor):
         layer: FeedbackLayer = ctx.layer
         x, W = ctx.saved_tensors          # in the compute dtype
+        # G keeps the input's memory format (channels-last stays channels-last through the fused backward)
+        fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+               and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         with torch.autocast(x.device.type, enabled=False) if ctx.dtype is not None else contextlib.nullcontext():
-            return _FeedbackFunction._grads(ctx, layer, x, W, G.to(x.dtype).contiguous())
+            return _FeedbackFunction._grads(ctx, layer, x, W, G.to(x.dtype).contiguous(memory_format=fmt))
 
     @staticmethod
     def _grads(ctx, layer: "FeedbackLayer", x: Tensor, W: Tensor, G: Tensor):

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .builder import build, parse_spec
+from .layers import Conv2d as FeedbackConv2d
 from .models import named_model
 from .data import DATASETS, TensorData, canonical_dataset, data_fingerprint, load_dataset
 from .losses import get_loss
@@ -106,6 +107,7 @@ class Config:
     val_split: float = 0.0
     metrics_every: int = 1           # epochs between alignment metrics (0: never)
     precision: str = "fp32"          # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + grad scaler, CUDA)
+    channels_last: bool = False      # conv nets in torch.channels_last (measured 1.6x faster on this CPU)
     device: str = "auto"
     profile: str = CUSTOM
     name: str = ""
@@ -130,7 +132,7 @@ class Config:
         for f in ("rule", "loss"):
             if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
                 raise ValueError(f"{f} must be a string or None, got {getattr(self, f)!r}")
-        for f in ("keep_last_bp", "batch_norm", "bias"):
+        for f in ("keep_last_bp", "batch_norm", "bias", "channels_last"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} must be True or False, got {getattr(self, f)!r}")
         if not isinstance(self.rules, dict) or not all(isinstance(v, str) for v in self.rules.values()):
@@ -327,6 +329,9 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
     if cfg.loss:
         loss_fn = get_loss(cfg.loss)
     model.to(device)
+    has_conv = any(isinstance(m, (torch.nn.Conv2d, FeedbackConv2d)) for m in model.modules())
+    layout = torch.channels_last if cfg.channels_last and has_conv else torch.contiguous_format
+    model.to(memory_format=layout)
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     store.check_writable(cfg, need_bytes=4 * n_bytes)   # model + Adam's two moments + the new copy
@@ -378,7 +383,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         correct = torch.zeros((), device=device)
         for b in range(n_batches):
             idx = perm[b * bs:(b + 1) * bs]
-            x, y = data.normalize(data.train_x[idx]), data.train_y[idx]
+            x, y = data.normalize(data.train_x[idx]).contiguous(memory_format=layout), data.train_y[idx]
             opt.zero_grad(set_to_none=True)
             with autocast(device, cfg.precision):
                 out = model(x)

@@ -115,3 +115,24 @@ def test_a_bf16_run_trains_stores_its_precision_and_keys_apart(tmp_path):
         train(Config(**base, precision="fp16"), store, progress=False)
     with pytest.raises(ValueError, match="precision"):
         Config(**base, precision="fp8")
+
+
+def test_channels_last_flows_through_forward_and_the_fused_backward():
+    torch.manual_seed(0)
+    conv = asymlib.Conv2d(3, 8, 3, padding=1, rule="usf").to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv).to(memory_format=torch.contiguous_format)
+    x = torch.randn(4, 3, 8, 8)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    xn = x.clone().requires_grad_(True)
+    out_c, out_n = conv(xc), twin(xn)
+    assert out_c.is_contiguous(memory_format=torch.channels_last)
+    out_c.sum().backward()
+    out_n.sum().backward()
+    assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(xc.grad, xn.grad, atol=1e-5) and torch.allclose(conv.weight.grad, twin.weight.grad, atol=1e-4)
+
+
+def test_a_channels_last_run_trains_and_keys_apart(tmp_path):
+    base = dict(spec="Input - Conv3*3*4/1 - dense10", dataset="digits", device="cpu", epochs=2, batch_size=100)
+    run = train(Config(**base, channels_last=True), ResultStore(tmp_path), progress=False)
+    assert run.status == "completed" and Config(**base, channels_last=True).key() != Config(**base).key()
