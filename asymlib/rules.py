@@ -204,7 +204,9 @@ class UniformSignFeedback(FeedbackRule):
     name = "usf"
 
     def feedback(self, layer):
-        return glorot_std(layer.weight.shape, layer.fans()) * torch.sign(layer.weight.detach())
+        # copysign: sigma with W's sign in one pass (equal to sigma * sign(W) wherever W != 0)
+        W = layer.weight.detach()
+        return torch.copysign(W.new_tensor(glorot_std(W.shape, layer.fans())), W)
 
 
 class FixedRandomSignFeedback(FeedbackRule):
@@ -217,7 +219,8 @@ class FixedRandomSignFeedback(FeedbackRule):
                               glorot_uniform_(torch.empty_like(layer.weight), layer.fans()).abs_())
 
     def feedback(self, layer):
-        return layer.feedback_magnitude * torch.sign(layer.weight.detach())
+        # |M| with W's sign in one pass (equal to |M| * sign(W) wherever W != 0)
+        return torch.copysign(layer.feedback_magnitude, layer.weight.detach())
 
 
 class BatchRandomSignFeedback(FixedRandomSignFeedback):

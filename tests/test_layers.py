@@ -298,3 +298,18 @@ def test_untied_fast_path_matches_the_unfold_formula(stride, padding, kernel):
                 stride=lc.stride)
     gw = torch.einsum("nol,ncl->olc", G.flatten(2), U)
     assert torch.allclose(x.grad, gx, atol=1e-12) and torch.allclose(lc.weight.grad, gw, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["usf", "frsf", "brsf", "psf(0.25)"])
+def test_sign_rules_feedback_is_exactly_magnitude_times_sign(rule):
+    """B is built with one copysign pass; it must equal the docstring's |M| * sign(W) bit for bit."""
+    from asymlib.rules import glorot_std
+    torch.manual_seed(0)
+    layer = asymlib.Linear(64, 32, bias=False, rule=rule)
+    W = layer.weight.detach()
+    mag = (layer.feedback_magnitude if hasattr(layer, "feedback_magnitude")
+           else torch.full_like(W, glorot_std(W.shape, layer.fans())))
+    expected = mag * torch.sign(W)
+    if hasattr(layer, "feedback_concordance"):
+        expected = layer.feedback_concordance * expected
+    assert torch.equal(layer.B, expected)
