@@ -187,12 +187,15 @@ UNTIED_FEEDBACK = Table(
     epochs=200, cpu_epochs=1, quick_epochs=1)
 
 # --- Report §5: clipping the asymmetric weight gradient (network not stated: the shallow dense nets) --
-CLIPPING = Table(
-    "clipping", "Clipping the asymmetric weight gradient (report §5)",
-    "report §5 (no numbers: 'all these modifications ruin the training')",
-    tuple(Row(f"{k}-clip{c:g}", TABLE1.rows[i].spec, {}, {"clip": c})
-          for k, i in (("DSR1", 1), ("DSR2", 2)) for c in (1.0, 0.1)) + (TABLE1.rows[1], TABLE1.rows[2]),
-    epochs=100, cpu_epochs=20)
+def _clipping(name: str, title: str, table: Table, epochs: int, cpu_epochs: int) -> Table:
+    """R1 and R2 of ``table`` clipped at 1 and 0.1 (report §5), with their unclipped twins."""
+    r1, r2 = table.rows[1], table.rows[2]
+    return Table(name, title, "report §5 (no numbers: 'all these modifications ruin the training')",
+                 tuple(Row(f"{r.label}-clip{c:g}", r.spec, {}, {"clip": c}) for r in (r1, r2) for c in (1.0, 0.1))
+                 + (r1, r2), epochs=epochs, cpu_epochs=cpu_epochs)
+
+
+CLIPPING = _clipping("clipping", "Clipping the asymmetric weight gradient (report §5)", TABLE1, 100, 20)
 
 # --- Report §3 under plain SGD: the backprop baseline and the two-random-layer rescues ------------
 #: The text's "SGD works with R in the last layer but fails with more random layers" and "max pooling
@@ -207,12 +210,8 @@ POGGIO_SGD = Table(
     epochs=100, cpu_epochs=3)
 
 # --- Report §5 on Poggio's net: its clipping section follows the Poggio's-net sections ------------
-CLIPPING_POGGIO = Table(
-    "clipping-poggio", "Clipping the asymmetric weight gradient in Poggio's net (report §5)",
-    "report §5 (no numbers: 'all these modifications ruin the training')",
-    tuple(Row(f"{k}-clip{c:g}", TABLE3.rows[i].spec, {}, {"clip": c})
-          for k, i in (("PGR1", 1), ("PGR2", 2)) for c in (1.0, 0.1)) + (TABLE3.rows[1], TABLE3.rows[2]),
-    epochs=300, cpu_epochs=3)
+CLIPPING_POGGIO = _clipping("clipping-poggio", "Clipping the asymmetric weight gradient in Poggio's net (report §5)",
+                            TABLE3, 300, 3)
 
 #: the cpu profile of the conv grids trains on 10,000 of the 50,000 training images
 _CPU_10K = {"cpu": {"train_subset": 10_000}}
