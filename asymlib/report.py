@@ -86,7 +86,7 @@ def table(df: pd.DataFrame, caption: str, name: str, index: bool = False):
     if index:
         df = df.reset_index()
     if isinstance(df.columns, pd.MultiIndex):
-        df = df.set_axis([" / ".join(map(str, c)) for c in df.columns], axis=1)
+        df = df.set_axis([" / ".join(str(x) for x in c if str(x)) for c in df.columns], axis=1)
     head = "| " + " | ".join(_md_cell(c) for c in df.columns) + " |"
     rule = "|" + "---|" * len(df.columns)
     body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
