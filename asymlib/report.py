@@ -14,8 +14,7 @@ import pandas as pd
 from .experiments import TableResult
 
 __all__ = ["comparison", "comparison_table", "provenance_table", "provenance_line", "budget_line", "table", "figure",
-           "style_comparison", "plot_accuracy", "plot_train_test_loss", "plot_alignment", "acc_at",
-           "verdict", "final_acc", "acc_text", "diff_text", "final_by_seed", "cell_text", "grid_table",
+           "plot_accuracy", "plot_train_test_loss", "plot_alignment", "final_acc", "acc_text", "final_by_seed", "cell_text", "grid_table",
            "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle"]
 
 
@@ -141,16 +140,9 @@ def budget_line(res: TableResult, rests_on: int, name: str = "") -> str:
     return text
 
 
-def style_comparison(df: pd.DataFrame):
-    """Rows whose gap to the report exceeds 2 std in orange (n = 1 rows have no std: unmarked); no index."""
-    return df.style.apply(lambda r: ["background-color: #ffe0b2" if r["gap > 2 std"] else "" for _ in r],
-                          axis=1).hide(axis="index")
-
-
 def final_acc(res: TableResult, row: str) -> float:
-    """Mean final test accuracy (%) of a row over its completed seeds (NaN if none completed)."""
-    s = res.summary.set_index("row")
-    return float(s.loc[row, "mean"]) if row in s.index else math.nan
+    """Mean final test accuracy (%) of a row over its completed seeds (NaN if none completed or not run)."""
+    return res.final(row)
 
 
 def plot_accuracy(res: TableResult, title: str, rows: list[str] | None = None, ax=None):
@@ -222,18 +214,6 @@ def plot_alignment(res: TableResult, title: str, rows: list[str] | None = None):
     return fig
 
 
-def verdict(claim: str, holds, evidence: str) -> dict:
-    """One line of a verdict table. ``holds`` is a bool, None (not testable from these runs) or a
-    list of such checks: all true -> reproduced, all false -> not reproduced, mixed -> partly."""
-    if isinstance(holds, (list, tuple)):
-        known = [bool(h) for h in holds if h is not None]
-        holds = None if not known else (True if all(known) else False if not any(known) else "partly")
-    elif holds is not None:
-        holds = bool(holds)
-    status = {None: "not tested here", True: "reproduced", False: "not reproduced", "partly": "partly"}[holds]
-    return {"claim": claim, "verdict": status, "evidence": evidence}
-
-
 def _row_stats(res: TableResult, row: str) -> tuple | None:
     """(mean, std, n completed, n diverged) of a row of the summary, or None if it was not run."""
     s = res.summary.set_index("row")
@@ -242,28 +222,7 @@ def _row_stats(res: TableResult, row: str) -> tuple | None:
 
 def acc_text(res: TableResult, row: str) -> str:
     """``"50.1%"`` (mean final test accuracy), ``"diverged"`` when every seed diverged, ``"not run"``."""
-    stats = _row_stats(res, row)
-    if stats is None or stats[2] == 0:
-        return "diverged" if stats and stats[3] else "not run"
-    return f"{stats[0]:.1f}%"
-
-
-def diff_text(res: TableResult, a: str, b: str) -> str:
-    """'a 50.1% vs b 44.2%' from the summary."""
-    return f"{a} {acc_text(res, a)} vs {b} {acc_text(res, b)}"
-
-
-def less(res: TableResult, a: str, b: str) -> bool | None:
-    """Is row a's final accuracy below row b's? None when either is missing."""
-    x, y = final_acc(res, a), final_acc(res, b)
-    return None if (np.isnan(x) or np.isnan(y)) else bool(x < y)
-
-
-def acc_at(res: TableResult, row: str, epoch: int) -> float:
-    """Mean test accuracy (%) of a row at a given epoch (NaN if that epoch was not run)."""
-    h = res.histories
-    d = h[(h.row == row) & (h.epoch == epoch)].test_acc
-    return 100 * float(d.mean()) if len(d) else math.nan
+    return res.acc_text(row)
 
 
 def final_by_seed(res: TableResult, row: str) -> pd.Series:
