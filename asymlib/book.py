@@ -77,8 +77,8 @@ class Chapter:
     def stored(self, table: str) -> str | None:
         """The best profile in which every run of ``table`` (these seeds, epochs, data set) is stored, or
         None: a chapter shows an optional table only when it is, and says what would produce it."""
-        grid, store = self.grid(table), ResultStore()
-        return next((p for p in ("full", "cpu") if all(store.load(c) is not None for c in grid(p))), None)
+        best = chapter_profile("auto", self.grid(table), ResultStore())
+        return None if best == "quick" else best
 
     def not_run_note(self, table: str, profile: str = "cpu") -> str:
         """Markdown: this table is not stored yet, and the command that runs it."""
