@@ -72,14 +72,15 @@ class _FeedbackFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[1]
         if layer.exact or not rule.direct:
             # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
-            B = W if layer.exact else rule.feedback(layer).to(x.dtype)
+            B = W if layer.exact or not rule.asymmetric else rule.feedback(layer).to(x.dtype)
             gx, gW = layer.grads(x, G, B, need_x)
         else:  # a rule with its own delta (DFA)
             gx = rule.input_grad(layer, G, x) if need_x else None
             gW = layer.grad_weight(x, G)
         gW = gW.to(layer.weight.dtype)    # W's gradient (and a learned B's) in the parameters' dtype
         gb = layer.grad_bias(G).to(layer.bias.dtype) if ctx.has_bias else None
-        return (None, gx, rule.weight_grad(layer, gW), gb, *rule.feedback_grads(layer, gW))
+        gB = rule.feedback_grads(layer, gW)     # first: weight_grad may add to gW in place
+        return (None, gx, rule.weight_grad(layer, gW), gb, *gB)
 
 
 class FeedbackLayer(nn.Module):
@@ -385,6 +386,7 @@ class LocallyConnected2d(FeedbackLayer):
         c = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = nn.Parameter(torch.empty(out_channels, L, c))
         self._patch_cache = None   # the last training forward's patches, for its weight gradient
+        self._scratch = {}         # reused buffers for the patches and their gradient (see _workspace)
         self._finish_init(rule, (out_channels, *self.output_size) if bias else None, init, **rule_kwargs)
 
     def fans(self):
@@ -398,15 +400,30 @@ class LocallyConnected2d(FeedbackLayer):
     # The fast path: the patches are copied once from the channels-last padded input, so each copied
     # run is kw * C_in contiguous values, in the order (kh, kw, C_in) -- W and B are permuted to match
     # (``_to_hwc``) -- and each position's product is one matrix product of a batched matmul.
+    #
+    # The patches and their gradient are the step's largest tensors (L*N*c values: 410 MB for the
+    # untied Poggio net's second layer at batch 500), and a fresh allocation that large costs more
+    # than the products here: the OS maps and zero-fills every new page (measured: 408 ms to allocate
+    # and fill 410 MB, 14 ms to fill it again). So they live in buffers kept on the layer between
+    # steps, each filled and consumed within one call (never handed out).
+    def _workspace(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The layer's scratch buffer ``name`` with ``shape`` (reallocated when shape, dtype or device change)."""
+        ws = self._scratch.get(name)
+        if ws is None or ws.shape != shape or ws.dtype != like.dtype or ws.device != like.device:
+            self._scratch[name] = None                      # free the old one first
+            ws = self._scratch[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return ws
+
     def _patches(self, x: Tensor) -> Tensor:
-        """The patches as ``L x N x c`` with c in the order (kh, kw, C_in)."""
+        """The patches as ``L x N x c`` with c in the order (kh, kw, C_in), in the layer's workspace."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         xh = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()      # N x Hp x Wp x C_in
         Ho, Wo = self.output_size
         n, c = x.shape[0], x.shape[1]
         s_n, s_h, s_w, s_c = xh.stride()
         view = xh.as_strided((Ho, Wo, n, kh, kw, c), (s_h * sh, s_w * sw, s_n, s_h, s_w, s_c))
-        return view.reshape(Ho * Wo, n, kh * kw * c)
+        P = self._workspace("patches", (Ho, Wo, n, kh, kw, c), xh).copy_(view)
+        return P.view(Ho * Wo, n, kh * kw * c)
 
     def _to_hwc(self, W: Tensor) -> Tensor:
         """``out x L x c`` (c in unfold's order C_in, kh, kw) -> ``L x c' x out`` (c' = kh, kw, C_in)."""
@@ -421,10 +438,11 @@ class LocallyConnected2d(FeedbackLayer):
     def forward_op(self, x, W, b):
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(f"LocallyConnected2d built for input {self.input_size}, got {tuple(x.shape[-2:])}")
-        P = self._patches(x)
-        # training: keep the patches for the weight gradient (the backward's biggest copy otherwise)
-        self._patch_cache = (self._tensor_id(x), P) if self.training else None
-        a = torch.bmm(P, self._to_hwc(W))                                   # L x N x out: a product per position
+        P, Wh = self._patches(x), self._to_hwc(W)
+        # training: keep the patches for the weight gradient (the backward's biggest copy otherwise), and
+        # W in the patches' order for backprop's input gradient (B = W): what autograd would save
+        self._patch_cache = (self._tensor_id(x), P, self._tensor_id(W), W, Wh) if self.training else None
+        a = torch.bmm(P, Wh)                                                # L x N x out: a product per position
         a = a.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, *self.output_size)
         return a + b if b is not None else a
 
@@ -440,21 +458,42 @@ class LocallyConnected2d(FeedbackLayer):
                 dxh[:, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw, :] += dP[:, :, :, i, j, :].permute(2, 0, 1, 3)
         return dxh[:, ph:ph + H, pw:pw + W, :].permute(0, 3, 1, 2)
 
-    def grad_input(self, G, B, x_shape):
-        Bh = self._to_hwc(B.to(G.dtype)).transpose(1, 2).contiguous()           # L x out x c'
-        return self._fold(torch.bmm(G.flatten(2).permute(2, 0, 1).contiguous(), Bh), x_shape)
+    @staticmethod
+    def _by_position(G: Tensor) -> Tensor:
+        """``N x out x Ho x Wo`` -> ``L x N x out``, contiguous."""
+        return G.flatten(2).permute(2, 0, 1).contiguous()
+
+    def grad_input(self, G, B, x_shape, Gl: Tensor | None = None, Bh: Tensor | None = None):
+        Gl = self._by_position(G) if Gl is None else Gl                         # L x N x out
+        Bh = self._to_hwc(B.to(G.dtype)) if Bh is None else Bh                  # L x c' x out
+        dP = self._workspace("dpatches", (Gl.shape[0], Gl.shape[1], Bh.shape[1]), Gl)
+        return self._fold(torch.bmm(Gl, Bh.transpose(1, 2), out=dP), x_shape)
 
     @staticmethod
     def _tensor_id(x: Tensor) -> tuple:
         return (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
 
-    def grad_weight(self, x, G):   # (contiguous operands: a strided bmm copies batch by batch)
+    def _take_cache(self, x: Tensor, B: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(patches, B in the patches' order) saved by the forward of ``x``, each None when not saved
+        (another input, or B is not the forward's W); the cache is emptied."""
         cache, self._patch_cache = getattr(self, "_patch_cache", None), None
-        P = cache[1] if cache is not None and cache[0] == self._tensor_id(x) else self._patches(x)
-        return self._from_hwc(torch.bmm(G.flatten(2).permute(2, 1, 0).contiguous(), P))
+        if cache is None or cache[0] != self._tensor_id(x):
+            return None, None
+        return cache[1], (cache[4] if B is not None and self._tensor_id(B) == cache[2] else None)
+
+    def grad_weight(self, x, G, Gl: Tensor | None = None, P: Tensor | None = None):
+        if P is None:
+            P = self._take_cache(x)[0]
+            P = self._patches(x) if P is None else P
+        Gl = self._by_position(G) if Gl is None else Gl
+        return self._from_hwc(torch.bmm(Gl.transpose(1, 2), P))                 # L x out x c'
 
     def grads(self, x, G, B, need_input):
-        return (self.grad_input(G, B, x.shape) if need_input else None), self.grad_weight(x, G)
+        P, Bh = self._take_cache(x, B)
+        Gl = self._by_position(G)   # once for both products
+        # the weight gradient first: it reads the patches before grad_input's workspace is filled
+        gW = self.grad_weight(x, G, Gl, P)
+        return (self.grad_input(G, B, x.shape, Gl, Bh) if need_input else None), gW
 
     def grad_bias(self, G):
         return G.sum(0)

@@ -102,7 +102,9 @@ class FeedbackRule:
         return layer.grad_input(G, self.feedback(layer), x.shape)
 
     def weight_grad(self, layer: "FeedbackLayer", gW: Tensor) -> Tensor:
-        r"""The gradient handed to W's optimizer; :math:`G^\top h` unless the rule adds a term."""
+        r"""The gradient handed to W's optimizer; :math:`G^\top h` unless the rule adds a term.
+
+        Called after :meth:`feedback_grads`, with ``gW`` freshly computed: it may add to it in place."""
         return gW
 
     def feedback_grads(self, layer: "FeedbackLayer", gW: Tensor) -> tuple[Tensor, ...]:
@@ -185,10 +187,10 @@ class KolenPollack(UpdatedFeedback):
         self.weight_decay = float(weight_decay)
 
     def weight_grad(self, layer, gW):
-        return gW + self.weight_decay * layer.weight.detach()
+        return gW.add_(layer.weight.detach(), alpha=self.weight_decay)   # one pass, in place
 
     def feedback_grads(self, layer, gW):
-        return (gW + self.weight_decay * layer.feedback_weight.detach(),)
+        return (torch.add(gW, layer.feedback_weight.detach(), alpha=self.weight_decay),)
 
     def extra_repr(self):
         return f"{self.weight_decay:g}"
@@ -229,7 +231,8 @@ class BatchRandomSignFeedback(FixedRandomSignFeedback):
     name = "brsf"
 
     def on_forward(self, layer):
-        glorot_uniform_(layer.feedback_magnitude, layer.fans()).abs_()
+        # no abs_: feedback() takes |M| anyway (copysign keeps the magnitude and W's sign)
+        glorot_uniform_(layer.feedback_magnitude, layer.fans())
 
 
 class PartialSignFeedback(FixedRandomSignFeedback):
@@ -254,7 +257,7 @@ class PartialSignFeedback(FixedRandomSignFeedback):
         layer.register_buffer("feedback_concordance", mask.view_as(layer.weight).to(layer.weight))
 
     def feedback(self, layer):
-        return layer.feedback_concordance * super().feedback(layer)
+        return super().feedback(layer).mul_(layer.feedback_concordance)   # copysign's fresh tensor, in place
 
     def extra_repr(self):
         return f"{self.p:g}"

@@ -306,10 +306,31 @@ def test_sign_rules_feedback_is_exactly_magnitude_times_sign(rule):
     from asymlib.rules import glorot_std
     torch.manual_seed(0)
     layer = asymlib.Linear(64, 32, bias=False, rule=rule)
+    layer(torch.randn(3, 64))   # a training forward: brSF redraws M
     W = layer.weight.detach()
-    mag = (layer.feedback_magnitude if hasattr(layer, "feedback_magnitude")
+    mag = (layer.feedback_magnitude.abs() if hasattr(layer, "feedback_magnitude")
            else torch.full_like(W, glorot_std(W.shape, layer.fans())))
     expected = mag * torch.sign(W)
     if hasattr(layer, "feedback_concordance"):
         expected = layer.feedback_concordance * expected
     assert torch.equal(layer.B, expected)
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa"])
+def test_untied_saved_patches_and_workspaces_never_serve_another_input(rule):
+    """LocallyConnected2d keeps a training forward's patches (and, for bp, W in the patches' order) for
+    the backward, in buffers reused across calls. Two training forwards before one backward, with an
+    eval forward of another batch size in between, must still give each input its own gradients."""
+    torch.manual_seed(0)
+    lc = asymlib.LocallyConnected2d(3, 4, 3, (6, 6), 1, 1, bias=False, rule=rule).double()
+    x1, x2 = (torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y1, y2 = lc(x1), lc(x2)
+    lc.eval()
+    lc(torch.randn(5, 3, 6, 6, dtype=torch.float64))
+    lc.train()
+    G1, G2 = torch.randn_like(y1), torch.randn_like(y2)
+    ((y1 * G1).sum() + (y2 * G2).sum()).backward()
+    (dx1, gW1), (dx2, gW2) = hand_grads(lc, x1.detach(), G1), hand_grads(lc, x2.detach(), G2)
+    torch.testing.assert_close(x1.grad, dx1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x2.grad, dx2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lc.weight.grad, gW1 + gW2, rtol=1e-10, atol=1e-10)
