@@ -5,7 +5,8 @@
 First the machine's matmul peak per precision (a 2048^3 product). Then for each network and
 precision, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and one asymlib
 model per rule are timed step by step in interleaved rounds (so drifts in machine load hit all alike):
-the median step time (forward + backward + Adam step), its ratio to plain torch, the achieved GFLOPS
+the median step time (forward + backward + Adam step), its ratio to plain torch and to asymlib's ``bp``
+(a rule's overhead), the achieved GFLOPS
 (a step is counted as 3x the forward's multiply-adds, 2 FLOPs each: forward, input gradient, weight
 gradient) and that as a fraction of the precision's peak. The untied net (no torch twin) is compared
 with the tied net's ``bp`` step at the same precision.
@@ -171,10 +172,14 @@ def main(argv=None) -> None:
         for net in a.nets:
             for prec in precisions:
                 print(f"\n{net}, {prec}, on {name}")
-                print(f"{'variant':<12}{'step ms':>10}{'ratio':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}{'of peak':>9}")
-                for r in bench(net, rules, a.batch, a.steps, device=device, precision=prec):
-                    print(f"{r['variant']:<12}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['backward_ms']:>10.1f}"
-                          f"{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}{r['gflops'] / peaks[prec]:>9.1%}")
+                print(f"{'variant':<12}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}"
+                      f"{'of peak':>9}")
+                rows = bench(net, rules, a.batch, a.steps, device=device, precision=prec)
+                bp = next(r["step_ms"] for r in rows if r["variant"] == "bp")
+                for r in rows:
+                    print(f"{r['variant']:<12}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
+                          f"{r['backward_ms']:>10.1f}{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}"
+                          f"{r['gflops'] / peaks[prec]:>9.1%}")
 
 
 if __name__ == "__main__":
