@@ -71,8 +71,9 @@ class _FeedbackFunction(torch.autograd.Function):
         rule = layer.rule
         need_x = ctx.needs_input_grad[1]
         if layer.exact or not rule.direct:
-            # delta = G B with a matrix B (W itself for exact backprop, used by the metrics)
-            B = W if layer.exact or not rule.asymmetric else rule.feedback(layer).to(x.dtype)
+            # delta = G B with a matrix B (W itself for exact backprop, used by the metrics). B is built
+            # only when delta is needed (not for a first layer): the layers read just its shape otherwise
+            B = W if layer.exact or not rule.asymmetric or not need_x else rule.feedback(layer).to(x.dtype)
             gx, gW = layer.grads(x, G, B, need_x)
         else:  # a rule with its own delta (DFA)
             gx = rule.input_grad(layer, G, x) if need_x else None

@@ -99,8 +99,22 @@ def test_brsf_redraws_magnitudes_every_training_batch_frsf_keeps_them():
     br(x), fr(x)
     assert not torch.equal(br.B, B0) and torch.equal(fr.B, F0)
     B1 = br.B.clone()
+    assert torch.equal(br.B, B1), "one draw per batch, however often B is read"
     br.eval(); br(x)
     assert torch.equal(br.B, B1), "no redraw in eval mode"
+    # the batch's backward uses that batch's draw, and a layer whose delta is not needed draws nothing
+    br.train()
+    y = br(x.requires_grad_(True))
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones_like(y) @ br.B)
+    first, _ = make("linear", "brsf")
+    x0 = torch.randn(6, 7)                          # no grad: the layer's delta is never needed
+    state = torch.get_rng_state()
+    first(x0).sum().backward()
+    assert torch.equal(torch.get_rng_state(), state), "no draw for a B that is never used"
+    first(x0).sum().backward()
+    first.B
+    assert not torch.equal(torch.get_rng_state(), state), "reading B draws the batch's M"
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -306,14 +320,15 @@ def test_sign_rules_feedback_is_exactly_magnitude_times_sign(rule):
     from asymlib.rules import glorot_std
     torch.manual_seed(0)
     layer = asymlib.Linear(64, 32, bias=False, rule=rule)
-    layer(torch.randn(3, 64))   # a training forward: brSF redraws M
+    layer(torch.randn(3, 64))   # a training forward: brSF redraws M (when B is next used)
+    B = layer.B
     W = layer.weight.detach()
     mag = (layer.feedback_magnitude.abs() if hasattr(layer, "feedback_magnitude")
            else torch.full_like(W, glorot_std(W.shape, layer.fans())))
     expected = mag * torch.sign(W)
     if hasattr(layer, "feedback_concordance"):
         expected = layer.feedback_concordance * expected
-    assert torch.equal(layer.B, expected)
+    assert torch.equal(B, expected) and torch.equal(layer.B, B)
 
 
 @pytest.mark.parametrize("rule", ["bp", "fa"])
