@@ -60,11 +60,8 @@ class _FeedbackFunction(torch.autograd.Function):
     def backward(ctx, G: Tensor):
         layer: FeedbackLayer = ctx.layer
         x, W = ctx.saved_tensors          # in the compute dtype
-        # G keeps the input's memory format (channels-last stays channels-last through the fused backward)
-        fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-               and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         with torch.autocast(x.device.type, enabled=False) if ctx.dtype is not None else contextlib.nullcontext():
-            return _FeedbackFunction._grads(ctx, layer, x, W, G.to(x.dtype).contiguous(memory_format=fmt))
+            return _FeedbackFunction._grads(ctx, layer, x, W, layer.grad_output_layout(G.to(x.dtype), x))
 
     @staticmethod
     def _grads(ctx, layer: "FeedbackLayer", x: Tensor, W: Tensor, G: Tensor):
@@ -127,6 +124,13 @@ class FeedbackLayer(nn.Module):
 
     def grad_bias(self, G: Tensor) -> Tensor:
         return G.sum(dim=[d for d in range(G.dim()) if d != 1])
+
+    def grad_output_layout(self, G: Tensor, x: Tensor) -> Tensor:
+        """G in the memory layout the backward's products want: the input's (channels-last stays
+        channels-last through the fused backward)."""
+        fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+               and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        return G.contiguous(memory_format=fmt)
 
     def grads(self, x: Tensor, G: Tensor, B: Tensor, need_input: bool) -> tuple[Tensor | None, Tensor]:
         """(input gradient through B or None, weight gradient); layers may fuse the two."""
@@ -443,8 +447,12 @@ class LocallyConnected2d(FeedbackLayer):
         # training: keep the patches for the weight gradient (the backward's biggest copy otherwise), and
         # W in the patches' order for backprop's input gradient (B = W): what autograd would save
         self._patch_cache = (self._tensor_id(x), P, self._tensor_id(W), W, Wh) if self.training else None
-        a = torch.bmm(P, Wh)                                                # L x N x out: a product per position
-        a = a.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, *self.output_size)
+        # a product per position (L x N x out), written straight into an N x Ho x Wo x out tensor: the
+        # output is channels-last, with no copy to reorder it
+        n, L = x.shape[0], P.shape[0]
+        out = torch.empty(n, *self.output_size, self.out_channels, dtype=P.dtype, device=P.device)
+        torch.bmm(P, Wh, out=out.view(n, L, self.out_channels).transpose(0, 1))
+        a = out.permute(0, 3, 1, 2)                                         # N x out x Ho x Wo, channels-last
         return a + b if b is not None else a
 
     def _fold(self, dP: Tensor, x_shape) -> Tensor:
@@ -461,18 +469,37 @@ class LocallyConnected2d(FeedbackLayer):
 
     @staticmethod
     def _by_position(G: Tensor) -> Tensor:
-        """``N x out x Ho x Wo`` -> ``L x N x out``, contiguous."""
+        """``N x out x Ho x Wo`` -> ``L x N x out``: a strided view of a channels-last G (the batched
+        products read it as it is), else a copy."""
+        n, o = G.shape[:2]
+        if G.is_contiguous(memory_format=torch.channels_last):
+            return G.permute(0, 2, 3, 1).reshape(n, -1, o).transpose(0, 1)
         return G.flatten(2).permute(2, 0, 1).contiguous()
+
+    def grad_output_layout(self, G, x):
+        return G      # any layout: _by_position reads a channels-last G in place
 
     def grad_input(self, G, B, x_shape, Gl: Tensor | None = None, Bh: Tensor | None = None):
         Gl = self._by_position(G) if Gl is None else Gl                         # L x N x out
-        Bh = self._to_hwc(B.to(G.dtype)) if Bh is None else Bh                  # L x c' x out
+        Bh = self._feedback_hwc(B.to(G.dtype)) if Bh is None else Bh            # L x c' x out
         dP = self._workspace("dpatches", (Gl.shape[0], Gl.shape[1], Bh.shape[1]), Gl)
         return self._fold(torch.bmm(Gl, Bh.transpose(1, 2), out=dP), x_shape)
 
     @staticmethod
     def _tensor_id(x: Tensor) -> tuple:
         return (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
+
+    def _feedback_hwc(self, B: Tensor) -> Tensor:
+        """B in the patches' order, kept while B is unchanged: a fixed B (fa's) is permuted once. Never
+        kept for a learned B (fa-updated, kp, pfa): fused optimizer steps change it in place without
+        bumping its version counter."""
+        if self.rule.feedback_params(self):
+            return self._to_hwc(B)
+        key = (B.data_ptr(), B._version, tuple(B.shape), B.stride(), B.dtype, B.device)
+        hit = self._scratch.get("feedback_hwc")
+        if hit is None or hit[0] != key:     # (holding B keeps its memory, so no other tensor gets its key)
+            hit = self._scratch["feedback_hwc"] = (key, B, self._to_hwc(B))
+        return hit[2]
 
     def _take_cache(self, x: Tensor, B: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(patches, B in the patches' order) saved by the forward of ``x``, each None when not saved

@@ -349,3 +349,23 @@ def test_untied_saved_patches_and_workspaces_never_serve_another_input(rule):
     torch.testing.assert_close(x1.grad, dx1, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x2.grad, dx2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lc.weight.grad, gW1 + gW2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["fa", "fa-updated", "frsf"])
+def test_untied_kept_feedback_follows_every_change_of_B(rule):
+    """The untied layer keeps a fixed B in its patch order between steps; an in-place change of B
+    (a load, a hand edit) or an optimizer step of a learned B must be seen by the next backward."""
+    torch.manual_seed(0)
+    lc = asymlib.LocallyConnected2d(3, 4, 3, (6, 6), 1, 1, bias=False, rule=rule).double()
+    opt = asymlib.make_optimizer("adam", lc.parameters(), lr=0.1)
+    for step in range(3):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+        y = lc(x)
+        G = torch.randn_like(y)
+        y.backward(G)
+        torch.testing.assert_close(x.grad, hand_grads(lc, x.detach(), G)[0], rtol=1e-10, atol=1e-10)
+        opt.step()
+        opt.zero_grad()
+        if rule == "fa":
+            with torch.no_grad():
+                lc.feedback_weight.mul_(-0.5)
