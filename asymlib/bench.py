@@ -6,10 +6,11 @@ First the machine's matmul peak per precision (a 2048^3 product). Then for each 
 precision, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and one asymlib
 model per rule are timed step by step in interleaved rounds (so drifts in machine load hit all alike):
 the median step time (forward + backward + Adam step), its ratio to plain torch and to asymlib's ``bp``
-(a rule's overhead), the achieved GFLOPS
-(a step is counted as 3x the forward's multiply-adds, 2 FLOPs each: forward, input gradient, weight
-gradient) and that as a fraction of the precision's peak. The untied net (no torch twin) is compared
-with the tied net's ``bp`` step at the same precision.
+(a rule's overhead), the achieved GFLOPS (backprop's FLOPs in the weight layers, :func:`step_flops`:
+forward, weight gradient and input gradient, the first layer's input gradient excluded) and that as a
+fraction of the precision's peak. The conv nets' bp is timed a second time in channels-last memory
+(``/ch-last``). The untied net (no torch twin) is compared with the tied net's ``bp`` step at the same
+precision.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """GFLOPS of an n^3 matrix product in ``dtype`` (the best of ``reps``)."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b
@@ -76,22 +77,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     return 2 * n ** 3 / best / 1e9
 
 
-def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of the weight layers in one forward pass (from their output shapes)."""
+def step_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of backprop's training step in the weight layers: per layer 2 x its forward multiply-adds
+    for the forward, the weight gradient and the input gradient -- the last skipped for a layer whose
+    input needs no gradient (the first), as autograd and asymlib skip it. Every rule is timed against
+    this same count (bp-equivalent FLOPs)."""
     from .layers import FeedbackLayer
-    macs, hooks = [0], []
+    flops, hooks = [0], []
 
     def hook(m, inp, out):
         per_output = m.weight[0].numel() if not hasattr(m, "output_size") else m.weight.shape[2]
-        macs[0] += out.numel() * per_output
+        passes = 3 if inp[0].requires_grad else 2
+        flops[0] += 2 * passes * out.numel() * per_output
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, FeedbackLayer)):
             hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(x)
+    model(x)   # with autograd on, so that requires_grad tells which inputs need a gradient
     for h in hooks:
         h.remove()
-    return macs[0]
+    return flops[0]
 
 
 def time_step(model, loss_fn, opt, x, y, device, dtype=None) -> tuple[float, float]:
@@ -126,13 +130,23 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
         variants = {"torch": plain_torch(variants["bp"]).to(dev), **variants}
     else:   # no torch twin: the tied net's bp step is the reference
         variants = {"tied bp": build(NETS["poggio"], in_shape, rule="bp")[0].to(dev), **variants}
-    macs = forward_macs(variants["bp"], x)
+    inputs = {k: x for k in variants}
+    if net in ("poggio", "untied"):   # the conv nets again in channels-last memory (Config.channels_last)
+        cl = torch.channels_last
+        for k in ("tied bp", "torch", "bp"):
+            if k in variants:
+                twin = (build(NETS["poggio" if k == "tied bp" else net], in_shape, rule="bp")[0] if k != "torch"
+                        else plain_torch(variants["bp"]))
+                twin.load_state_dict(variants[k].state_dict())
+                variants[k + "/ch-last"] = twin.to(dev, memory_format=cl)
+                inputs[k + "/ch-last"] = x.contiguous(memory_format=cl)
+    flops = step_flops(variants["bp"], x)
     opts = {k: make_optimizer("adam", m.parameters()) for k, m in variants.items()}
     loss_fn = nn.CrossEntropyLoss()
     times = {k: [] for k in variants}
     for i in range(warmup + steps):
         for k, m in variants.items():
-            t = time_step(m, loss_fn, opts[k], x, y, dev, dtype)
+            t = time_step(m, loss_fn, opts[k], inputs[k], y, dev, dtype)
             if i >= warmup:
                 times[k].append(t)
     ref = next(iter(variants))
@@ -143,7 +157,7 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
         step, bwd = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
         rows.append(dict(net=net, precision=precision, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
                          step_ratio=step / base_step, backward_ratio=bwd / base_bwd, reference=ref,
-                         gflops=6 * macs / step / 1e9))
+                         gflops=flops / step / 1e9))
     return rows
 
 
@@ -172,12 +186,12 @@ def main(argv=None) -> None:
         for net in a.nets:
             for prec in precisions:
                 print(f"\n{net}, {prec}, on {name}")
-                print(f"{'variant':<12}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}"
+                print(f"{'variant':<18}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}"
                       f"{'of peak':>9}")
                 rows = bench(net, rules, a.batch, a.steps, device=device, precision=prec)
                 bp = next(r["step_ms"] for r in rows if r["variant"] == "bp")
                 for r in rows:
-                    print(f"{r['variant']:<12}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
+                    print(f"{r['variant']:<18}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
                           f"{r['backward_ms']:>10.1f}{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}"
                           f"{r['gflops'] / peaks[prec]:>9.1%}")
 
