@@ -335,11 +335,18 @@ def test_each_decoder_writes_its_own_temporary_cache(tmp_path, monkeypatch):
 
 
 # 14 -- Ctrl-C, resume, file modes, --only, --seeds ------------------------------------------------
+def _sigint_as_at_a_terminal():
+    """In the child: Ctrl-C's default action. A shell's background job (``cmd &``) starts with SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: CI started that way must not decide this test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_how_to_resume_and_the_resume_is_announced(tmp_path):
     env = {**os.environ, "ASYMLIB_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "asymlib", "run", "--spec", "Input - dense256 - dense256 - dense10",
             "--dataset", "digits", "--epochs", "400", "--batch-size", "10", "--device", "cpu", "--no-progress"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     # interrupt only once it trains (a checkpoint is written): a signal during start-up is another test.
     # Generous limits: on a loaded machine (CI beside training runs) start-up alone can take a minute
     deadline = time.time() + 600
@@ -352,7 +359,8 @@ def test_ctrl_c_says_how_to_resume_and_the_resume_is_announced(tmp_path):
     assert "rerun the same command to resume" in err and "Traceback" not in err
     ckpt = next(tmp_path.glob("results/custom/digits/*.ckpt.pt"))
     before = ckpt.stat().st_mtime_ns
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     deadline = time.time() + 600
     while ckpt.stat().st_mtime_ns == before:   # it trains on from there
         assert proc.poll() is None and time.time() < deadline, "the resumed run wrote no checkpoint"
