@@ -15,6 +15,7 @@ precision.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -134,11 +135,8 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
     if net in ("poggio", "untied"):   # the conv nets again in channels-last memory (Config.channels_last)
         cl = torch.channels_last
         for k in ("tied bp", "torch", "bp"):
-            if k in variants:
-                twin = (build(NETS["poggio" if k == "tied bp" else net], in_shape, rule="bp")[0] if k != "torch"
-                        else plain_torch(variants["bp"]))
-                twin.load_state_dict(variants[k].state_dict())
-                variants[k + "/ch-last"] = twin.to(dev, memory_format=cl)
+            if k in variants:   # a copy of the same model (same weights), its conv kernels channels-last
+                variants[k + "/ch-last"] = copy.deepcopy(variants[k]).to(dev, memory_format=cl)
                 inputs[k + "/ch-last"] = x.contiguous(memory_format=cl)
     flops = step_flops(variants["bp"], x)
     opts = {k: make_optimizer("adam", m.parameters()) for k, m in variants.items()}
