@@ -58,20 +58,46 @@ class Chapter:
 
     With ``profile="auto"`` each table runs in the best profile whose runs of *that table* are all
     stored (full, then cpu), else quick; ``ch.profiles`` records which profile each table used.
+    With ``seeds="auto"`` each table shows every seed stored for all its rows in that profile (seeds
+    0 … n−1, at least one); ``ch.seed_counts`` records n per table.
     """
 
     profile: str = "auto"
     dataset: str | None = None       # None: each table's own
     device: str = "auto"
-    seeds: int = 1
+    seeds: int | str = 1             # a count (seeds 0 … n−1), or "auto": as many as are stored
     epochs: int | None = None
     precision: str = "fp32"          # fp32 | bf16 | fp16 (see asymlib.training.PRECISIONS)
     profiles: dict[str, str] = dataclasses.field(default_factory=dict)
+    seed_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    #: the most seeds ``seeds="auto"`` looks for
+    MAX_AUTO_SEEDS = 10
+
+    def __post_init__(self):
+        if self.seeds != "auto" and not (isinstance(self.seeds, int) and not isinstance(self.seeds, bool)
+                                         and self.seeds >= 1):
+            raise ValueError(f"seeds must be a positive number of seeds or \"auto\" (every stored seed), "
+                             f"got {self.seeds!r}")
+
+    def n_seeds(self, table: str) -> int:
+        """The seeds ``table`` runs with: the ``seeds`` parameter, or with ``"auto"`` the most seeds
+        0 … n−1 whose runs are all stored in the table's best profile (at least 1)."""
+        if self.seeds != "auto":
+            return self.seeds
+        if table not in self.seed_counts:
+            from .experiments import get_table, stored_seeds
+            store, t = ResultStore(), get_table(table)
+            profile = chapter_profile(self.profile, lambda p: t.configs(p, 0, self.epochs, self.dataset, self.device,
+                                                                        self.precision), store)
+            self.seed_counts[table] = max(1, stored_seeds(table, None, profile, self.precision, self.epochs,
+                                                          self.dataset, self.device, store, self.MAX_AUTO_SEEDS))
+        return self.seed_counts[table]
 
     def grid(self, *tables: str) -> Callable[[str], list[Config]]:
         """Profile -> every config of ``tables`` (all seeds)."""
         from .experiments import get_table
-        return lambda p: [c for name in tables for s in range(self.seeds)
+        return lambda p: [c for name in tables for s in range(self.n_seeds(name))
                           for c in get_table(name).configs(p, s, self.epochs, self.dataset, self.device, self.precision)]
 
     def stored(self, table: str) -> str | None:
@@ -84,7 +110,7 @@ class Chapter:
         """Markdown: this table is not stored yet, and the command that runs it."""
         from .experiments import get_table, table_command
         return (f"*{get_table(table).title}: not run yet at this budget. "
-                f"`{table_command(table, profile, self.seeds, self.epochs, self.dataset, self.precision)}` runs it.*")
+                f"`{table_command(table, profile, self.n_seeds(table), self.epochs, self.dataset, self.precision)}` runs it.*")
 
     def run(self, table: str):
         """Load (or train) ``table``. With ``profile="auto"``: the best profile whose runs for these
@@ -104,16 +130,16 @@ class Chapter:
             raise MissingRuns(f"table {table!r}: {len(missing)} of {len(todo)} runs of the {profile} profile are not "
                               f"stored ({', '.join(f'{c.name} seed {c.seed}' for c in missing[:8])}"
                               f"{' ...' if len(missing) > 8 else ''}); the published book never trains. Produce them "
-                              f"with: {table_command(table, profile, self.seeds, self.epochs, self.dataset, self.precision)}")
+                              f"with: {table_command(table, profile, self.n_seeds(table), self.epochs, self.dataset, self.precision)}")
         if missing:
             stored = len(todo) - len(missing)
-            print(f"{table}: {stored} of {len(todo)} runs ({self.seeds} seed(s)) are stored in the {profile} profile; "
+            print(f"{table}: {stored} of {len(todo)} runs ({self.n_seeds(table)} seed(s)) are stored in the {profile} profile; "
                   f"training the other {len(missing)} now ({missing[0].epochs} epochs each"
                   f"{', a smoke test, not a result' if profile == 'quick' else ''}): "
                   f"{', '.join(sorted({c.name for c in missing}))[:300]}", flush=True)
         self.profiles[table] = profile
         try:
-            return run_table(table, profile, self.seeds, self.epochs, self.dataset, self.device, store=store,
+            return run_table(table, profile, self.n_seeds(table), self.epochs, self.dataset, self.device, store=store,
                              progress=False, precision=self.precision)
         except DataUnavailable as e:
             raise DataUnavailable(

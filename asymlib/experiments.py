@@ -21,7 +21,7 @@ from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only, train
 
 __all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
-           "table_command", "summarize",
+           "table_command", "stored_seeds", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
@@ -534,6 +534,18 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
     if dataset is not None:
         cmd += f" --dataset {dataset}"
     return cmd
+
+
+def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: str = "fp32", epochs: int | None = None,
+                 dataset: str | None = None, device: str = "auto", store=None, limit: int = 10) -> int:
+    """How many seeds 0 … n−1 of ``rows`` of ``table`` (None: every row) are all stored, up to ``limit``
+    (0 when seed 0 is not)."""
+    store, t = store or ResultStore(), get_table(table)
+    n = 0
+    while n < limit and all(store.load(c) is not None for c in t.configs(profile, n, epochs, dataset, device, precision)
+                            if rows is None or c.name in rows):
+        n += 1
+    return n
 
 
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,

@@ -5,6 +5,7 @@ never numbers typed in.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
@@ -15,7 +16,8 @@ from .experiments import TableResult
 
 __all__ = ["comparison", "comparison_table", "provenance_table", "provenance_line", "budget_line", "table", "figure",
            "plot_accuracy", "plot_train_test_loss", "plot_alignment", "final_acc", "acc_text", "final_by_seed", "cell_text", "grid_table",
-           "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle"]
+           "plot_sweep", "plot_alignment_rows", "relative_step_time", "final_layer_angles", "mean_angle",
+           "precision_check", "PrecisionCheck"]
 
 
 def comparison(res: TableResult) -> pd.DataFrame:
@@ -345,3 +347,77 @@ def mean_angle(res: TableResult, row: str, metric: str = "angle_delta", epoch: s
         return math.nan
     e = {"first": a.epoch.min(), "last": a.epoch.max()}.get(epoch, epoch)
     return float(a[a.epoch == e][metric].mean())
+
+
+class PrecisionCheck(NamedTuple):
+    """What :func:`precision_check` found: the per-row table, the verdict in Markdown, the results read."""
+    frame: pd.DataFrame | None
+    text: str
+    results: tuple
+
+
+def precision_check(table: str, rows: list[str], profile: str, other: str = "bf16", epochs: int | None = None,
+                    dataset: str | None = None, device: str = "auto", store=None):
+    """Does training in ``other`` precision (bf16) move a table's results beyond fp32's seed-to-seed spread?
+
+    Reads the stored runs only (it never trains): every fp32 seed and every ``other`` seed stored for
+    all ``rows``. Per row: fp32's mean over its seeds and its range (highest − lowest seed), ``other``'s
+    mean, and |Δ|, the mean |other − fp32| over the seeds run in both precisions. A row is *within the
+    spread* when |Δ| ≤ fp32's range. The verdict is *inconclusive at this budget* with a single fp32
+    seed (no spread to compare with) or when every row is at chance in both precisions.
+
+    Returns a :class:`PrecisionCheck`: the per-row ``frame`` (None when no seed is stored in both
+    precisions), ``text``, a Markdown sentence with the verdict, the evidence behind it and the commands
+    that add to it, and the two ``results`` (fp32, other) for a caption's :func:`provenance_line`.
+
+    >>> check = precision_check("table1", ["DS0", "DSR1"], "cpu")   # doctest: +SKIP
+    >>> check.frame, check.text
+    """
+    from .claims import INCONCLUSIVE
+    from .experiments import run_table, stored_seeds, table_command
+    n_fp = stored_seeds(table, rows, profile, "fp32", epochs, dataset, device, store)
+    n_ot = stored_seeds(table, rows, profile, other, epochs, dataset, device, store)
+    only = " --only " + " ".join(rows)
+    more_fp = table_command(table, profile, max(n_fp + 1, 2), epochs, dataset) + only
+    more_ot = table_command(table, profile, max(n_ot, 1) + (n_ot > 0), epochs, dataset, other) + only
+    if n_fp == 0 or n_ot == 0:
+        return PrecisionCheck(None, f"*Not run yet: `{table_command(table, profile, 1, epochs, dataset, other) + only}`"
+                                    f" and `{more_fp}` run it.*", ())
+    fp = run_table(table, profile, n_fp, epochs, dataset, device, store=store, progress=False, only=rows)
+    ot = run_table(table, profile, n_ot, epochs, dataset, device, store=store, progress=False, only=rows,
+                   precision=other)
+    paired = range(min(n_fp, n_ot))
+    lines = []
+    for r in rows:
+        a, b = final_by_seed(fp, r), final_by_seed(ot, r)
+        # a seed diverged in both precisions is the same outcome; diverged in one only is a difference (NaN)
+        gap = float(np.mean([0.0 if math.isnan(a[s]) and math.isnan(b[s]) else abs(b[s] - a[s]) for s in paired]))
+        spread = float(a.max() - a.min()) if n_fp > 1 else math.nan
+        lines.append({"row": r, f"fp32 ({n_fp} seed{'s' * (n_fp > 1)})": a.mean(),
+                      f"{other} ({n_ot} seed{'s' * (n_ot > 1)})": b.mean(),
+                      f"|{other} − fp32|, same seeds": gap, "fp32 seed range": spread,
+                      "within the spread": (gap <= spread) if n_fp > 1 and not math.isnan(gap) else None,
+                      "at chance": fp.at_chance(r) and ot.at_chance(r)})
+    frame = pd.DataFrame(lines)
+    gap, told = frame[f"|{other} − fp32|, same seeds"], frame[~frame["at chance"]]
+    done = lambda text: PrecisionCheck(frame, text, (fp, ot))
+    evidence = (f"{n_ot} {other} seed{'s' * (n_ot > 1)} and {n_fp} fp32 seed{'s' * (n_fp > 1)} of {len(rows)} rows, "
+                f"{fp.summary.epochs.min()} epochs, {profile} profile")
+    if gap.isna().any():
+        return done(f"{', '.join(frame.row[gap.isna()])} diverged in one precision and not in the other: "
+                    f"{other} changes these results ({evidence}); the reproduction tables stay fp32.")
+    if n_fp == 1:
+        return done(f"{other} moves the final accuracy by up to {gap.max():.2f} points ({evidence}). Whether that is "
+                    f"more than another seed would move it is *{INCONCLUSIVE}*: with one fp32 seed there is no spread "
+                    f"to set it against (`{more_fp}` adds one); the reproduction tables stay fp32.")
+    if told.empty:
+        return done(f"Every row is at chance in both precisions, so the comparison is *{INCONCLUSIVE}* "
+                    f"({evidence}); the reproduction tables stay fp32.")
+    inside = int(told["within the spread"].sum())
+    text = (f"{other} moves the final accuracy by at most {told[gap.name].max():.2f} points; fp32's seeds span up to "
+            f"{told['fp32 seed range'].max():.2f}. In {inside} of the {len(told)} rows above chance the {other} gap is "
+            f"within fp32's seed range ({evidence})")
+    if inside == len(told):
+        return done(text + f": at this evidence {other} does not move the results beyond the seed spread. More seeds "
+                           f"in both (`{more_ot}`) narrow it down.")
+    return done(text + f": {other} moves some rows beyond the seed spread, so the reproduction tables stay fp32.")

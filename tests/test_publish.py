@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asymlib import book
-from asymlib.experiments import run_table
+from asymlib.experiments import get_table, run_table
 from asymlib.store import ResultStore
 from asymlib.training import MissingRuns
 
@@ -67,7 +67,12 @@ def test_stored_only_mode_names_the_table_the_missing_runs_and_the_command(tmp_p
 
 
 def test_a_chapter_says_what_it_will_train_beyond_the_stored_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(book, "ResultStore", lambda: ResultStore(REPO / "results"))
+    # a store holding the committed seed 0 of Table 1 (cpu profile) only, whatever else results/ holds
+    committed, store = ResultStore(REPO / "results"), ResultStore(tmp_path / "results")
+    for cfg in get_table("table1").configs("cpu", 0):
+        store.path(cfg).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(committed.path(cfg), store.path(cfg))
+    monkeypatch.setattr(book, "ResultStore", lambda: store)
     ch = book.Chapter("auto", seeds=2)
     monkeypatch.setenv("ASYMLIB_STORED_ONLY", "1")           # say it, then stop before training
     with pytest.raises(MissingRuns, match=r"table 'table1': 10 of 20 runs of the cpu profile are not stored.*"

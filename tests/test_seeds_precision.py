@@ -1,0 +1,101 @@
+"""A chapter's seeds="auto" (every seed stored), and the fp32-vs-bf16 check that decides whether a table
+may be trained in bf16 (asymlib.report.precision_check)."""
+import math
+import re
+
+import pytest
+
+import asymlib.book as book
+from asymlib.claims import INCONCLUSIVE
+from asymlib.experiments import get_table, run_table, stored_seeds
+from asymlib.report import final_by_seed, precision_check
+from asymlib.store import ResultStore
+
+from test_engine import make_tar
+
+ROWS = ["DS0", "DSR1"]
+
+
+class SeedStore:
+    """Stands in for the result store: ``stored[profile]`` seeds 0 … n−1 of every run are stored."""
+
+    def __init__(self, **stored):
+        self.stored = stored
+
+    def load(self, cfg):
+        return {} if cfg.seed < self.stored.get(cfg.profile, 0) else None
+
+
+@pytest.mark.parametrize("stored, profile, n", [
+    ({"cpu": 3}, "cpu", 3),                 # three seeds of every row: all three shown
+    ({"full": 1, "cpu": 3}, "full", 1),     # the best profile first, then its seeds
+    ({"full": 2, "cpu": 3}, "full", 2),
+    ({}, "quick", 1),                        # nothing stored: one seed, trained
+])
+def test_auto_seeds_are_the_stored_seeds_of_the_best_profile(monkeypatch, stored, profile, n):
+    monkeypatch.setattr(book, "ResultStore", lambda: SeedStore(**stored))
+    ch = book.Chapter("auto", seeds="auto")
+    assert ch.n_seeds("table1") == n and ch.seed_counts == {"table1": n}
+    assert len(ch.grid("table1")(profile)) == 10 * n
+    assert book.Chapter("auto", seeds=2).n_seeds("table1") == 2     # a number is taken as it is
+
+
+def test_auto_seeds_need_every_row_of_a_seed(monkeypatch):
+    class Partial(SeedStore):   # seed 1 of DS0 only
+        def load(self, cfg):
+            return {} if cfg.profile == "cpu" and (cfg.seed == 0 or (cfg.seed == 1 and cfg.name == "DS0")) else None
+    monkeypatch.setattr(book, "ResultStore", lambda: Partial())
+    assert book.Chapter("auto", seeds="auto").n_seeds("table1") == 1
+    assert stored_seeds("table1", ["DS0"], "cpu", store=Partial()) == 2
+    assert stored_seeds("table1", None, "cpu", store=Partial()) == 1
+    assert stored_seeds("table1", None, "full", store=Partial()) == 0
+
+
+@pytest.mark.parametrize("seeds", [0, -1, "three", 1.5, True])
+def test_bad_seeds_parameter_is_a_clear_error(seeds):
+    with pytest.raises(ValueError, match=r"seeds must be a positive number of seeds or \"auto\""):
+        book.Chapter("auto", seeds=seeds)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from asymlib.data import CIFAR10_CLASSES
+    tar = make_tar(tmp_path_factory.mktemp("data10") / "ten.tar.gz", 200, 20, 32, CIFAR10_CLASSES)
+    return f"folder:{tar}"
+
+
+def _train(store, dataset, seeds, precision):
+    return run_table("table1", "quick", seeds, 1, dataset, "cpu", store=store, progress=False, only=ROWS,
+                     precision=precision)
+
+
+def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "results")
+    check = lambda: precision_check("table1", ROWS, "quick", "bf16", 1, tiny, "cpu", store)
+    c = check()                                  # nothing stored: no table, the commands
+    assert c.frame is None and "Not run yet" in c.text and re.search(r"--precision bf16 .*--only DS0 DSR1`", c.text)
+    bf = _train(store, tiny, 1, "bf16")
+    fp1 = _train(store, tiny, 1, "fp32")
+    monkeypatch.setenv("ASYMLIB_STORED_ONLY", "1")   # it reads what is stored: training anything would raise
+    c = check()                                  # one fp32 seed: no spread, inconclusive
+    assert len(c.frame) == 2 and c.frame["within the spread"].isna().all()
+    assert INCONCLUSIVE in c.text and re.search(r"--seeds 2 --epochs 1 .*--only DS0 DSR1`", c.text) and "stay fp32" in c.text
+    gap = abs(final_by_seed(bf, "DS0")[0] - final_by_seed(fp1, "DS0")[0])
+    assert math.isclose(c.frame.set_index("row").loc["DS0", "|bf16 − fp32|, same seeds"], gap)
+    monkeypatch.undo()
+    fp = _train(store, tiny, 3, "fp32")           # seeds 1 and 2 more: the spread exists
+    c = check()
+    f = c.frame.set_index("row")
+    for r in ROWS:
+        by_seed = final_by_seed(fp, r)
+        assert math.isclose(f.loc[r, "fp32 (3 seeds)"], by_seed.mean())
+        assert math.isclose(f.loc[r, "fp32 seed range"], by_seed.max() - by_seed.min())
+        assert f.loc[r, "within the spread"] == (f.loc[r, "|bf16 − fp32|, same seeds"] <= f.loc[r, "fp32 seed range"])
+    assert "1 bf16 seed and 3 fp32 seeds of 2 rows, 1 epochs, quick profile" in c.text
+    above = f[~f["at chance"]]
+    if above.empty:
+        assert INCONCLUSIVE in c.text and "at chance" in c.text
+    else:
+        assert f"of the {len(above)} rows above chance" in c.text
+        assert ("does not move the results" in c.text) == bool(above["within the spread"].all())
+    assert {r.config.precision for res in c.results for r in res.runs.values()} == {"fp32", "bf16"}
