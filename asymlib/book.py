@@ -67,7 +67,7 @@ class Chapter:
     device: str = "auto"
     seeds: int | str = 1             # a count (seeds 0 … n−1), or "auto": as many as are stored
     epochs: int | None = None
-    precision: str = "fp32"          # fp32 | bf16 | fp16 (see asymlib.training.PRECISIONS)
+    precision: str = "auto"          # auto (each table's profile's own) | fp32 | bf16 | fp16 (asymlib.training.PRECISIONS)
     profiles: dict[str, str] = dataclasses.field(default_factory=dict)
     seed_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 

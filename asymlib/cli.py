@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epochs")
     t.add_argument("--dataset", default=None, help="override the table's data set")
     t.add_argument("--device", default="auto")
-    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="as for run")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="as for run; auto (default): the profile's own (fp32, unless the table's profile says otherwise)")
     t.add_argument("--jobs", type=_positive_int, default=None,
                    help="rows trained at once, each in its own process with the cores split among them "
                         "(default: one per CPU core, or 1 on a GPU)")

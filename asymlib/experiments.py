@@ -21,7 +21,7 @@ from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only, train
 
 __all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
-           "table_command", "stored_seeds", "summarize",
+           "table_command", "seed_configs", "stored_seeds", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
@@ -47,8 +47,14 @@ class Table:
     quick_epochs: int = 2
     base: dict = field(default_factory=dict)
     #: Config fields a profile changes beyond its defaults, e.g. ``{"cpu": {"train_subset": 10_000}}``
-    #: (train on 10,000 images) or ``{"quick": {"spec": "resnet18@16"}}`` (a narrower smoke test)
+    #: (train on 10,000 images) or ``{"quick": {"spec": "resnet18@16"}}`` (a narrower smoke test).
+    #: A ``"precision"`` here is the profile's own (what ``precision="auto"`` trains in, e.g. bf16 where
+    #: a chapter's check showed it within the seed spread); a precision asked for explicitly wins over it.
     profile_overrides: dict = field(default_factory=dict)
+
+    def precision(self, profile: str) -> str:
+        """The precision ``profile`` trains this table in when asked for ``"auto"`` (fp32 unless overridden)."""
+        return self.profile_overrides.get(profile, {}).get("precision", "fp32")
 
     def describe(self) -> pd.DataFrame:
         """The table describes itself: one line per row with its spec, what it overrides of the table's
@@ -59,17 +65,21 @@ class Table:
                              for r in self.rows])
 
     def configs(self, profile: str = "full", seed: int = 0, epochs: int | None = None,
-                dataset: str | None = None, device: str = "auto", precision: str = "fp32") -> list[Config]:
-        """The rows' configs in a profile; ``epochs`` overrides the profile's epochs."""
+                dataset: str | None = None, device: str = "auto", precision: str = "auto") -> list[Config]:
+        """The rows' configs in a profile; ``epochs`` overrides the profile's epochs, ``precision``
+        (fp32, bf16, fp16) the profile's own (``"auto"``: :meth:`precision`)."""
         if epochs is None:
             epochs = {"quick": self.quick_epochs, "cpu": self.cpu_epochs}.get(profile, self.epochs)
+        if precision == "auto":
+            precision = self.precision(profile)
+        overrides = {k: v for k, v in self.profile_overrides.get(profile, {}).items() if k != "precision"}
         ds = dataset or self.dataset
         cfgs = [profile_config(Config(spec=for_classes(r.spec, NUM_CLASSES.get(ds)), name=r.label, dataset=ds,
                                       epochs=self.epochs, seed=seed, device=device, precision=precision,
                                       **{**self.base, **r.overrides}), profile, epochs)
                 for r in self.rows]
-        if self.profile_overrides.get(profile):
-            cfgs = [c.replace(**self.profile_overrides[profile]) for c in cfgs]
+        if overrides:
+            cfgs = [c.replace(**overrides) for c in cfgs]
         return cfgs
 
 
@@ -378,6 +388,14 @@ class TableResult:
         return iter((self.summary, self.histories))
 
     @classmethod
+    def of(cls, table: Table, runs: dict[tuple[str, int], Run]) -> "TableResult":
+        """The result of ``table``'s runs, ``{(row label, seed): Run}``."""
+        hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
+                for (label, seed), r in runs.items()]
+        return cls(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
+                   alignment_frame(runs), runs)
+
+    @classmethod
     def empty(cls) -> "TableResult":
         """A result with no rows (a table not run yet): every claim on it is open."""
         return cls(pd.DataFrame(columns=["row", "mean", "std", "n", "diverged", "epochs", "dataset"]),
@@ -524,10 +542,11 @@ def _drive(executor, pending, running, jobs, threads, store, todo, failed, log) 
 
 
 def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
-                  dataset: str | None = None, precision: str = "fp32") -> str:
-    """The command line that runs (or completes) a table."""
+                  dataset: str | None = None, precision: str = "auto") -> str:
+    """The command line that runs (or completes) a table (``--precision`` only where it is not the
+    profile's own)."""
     cmd = f"python -m asymlib table {name} --profile {profile} --seeds {seeds}"
-    if precision != "fp32":
+    if precision not in ("auto", get_table(name).precision(profile)):
         cmd += f" --precision {precision}"
     if epochs is not None:
         cmd += f" --epochs {epochs}"
@@ -536,21 +555,30 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
     return cmd
 
 
-def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: str = "fp32", epochs: int | None = None,
-                 dataset: str | None = None, device: str = "auto", store=None, limit: int = 10) -> int:
+def seed_configs(table: str, rows: list[str] | None, profile: str, seed: int, precision: str = "auto",
+                 epochs: int | None = None, dataset: str | None = None, device: str = "auto",
+                 overrides: dict | None = None) -> list[Config]:
+    """The configs of ``rows`` of ``table`` (None: every row) for one seed, ``overrides`` (Config fields) applied."""
+    return [c.replace(**(overrides or {})) for c in get_table(table).configs(profile, seed, epochs, dataset, device, precision)
+            if rows is None or c.name in rows]
+
+
+def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: str = "auto", epochs: int | None = None,
+                 dataset: str | None = None, device: str = "auto", store=None, limit: int = 10,
+                 overrides: dict | None = None) -> int:
     """How many seeds 0 … n−1 of ``rows`` of ``table`` (None: every row) are all stored, up to ``limit``
-    (0 when seed 0 is not)."""
-    store, t = store or ResultStore(), get_table(table)
+    (0 when seed 0 is not); ``overrides`` as for :func:`seed_configs`."""
+    store = store or ResultStore()
     n = 0
-    while n < limit and all(store.load(c) is not None for c in t.configs(profile, n, epochs, dataset, device, precision)
-                            if rows is None or c.name in rows):
+    while n < limit and all(store.load(c) is not None for c in seed_configs(table, rows, profile, n, precision, epochs,
+                                                                             dataset, device, overrides)):
         n += 1
     return n
 
 
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
-              progress: bool = True, only: list[str] | None = None, precision: str = "fp32",
+              progress: bool = True, only: list[str] | None = None, precision: str = "auto",
               jobs: int = 1, cluster: str | None = "local", slurm_partition: str | None = None) -> TableResult:
     """Run (or load) every row of a table with each seed.
 
@@ -582,7 +610,4 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
     runs: dict[tuple[str, int], Run] = {}
     for cfg in todo:   # stored now (the jobs'), or trained here one after the other
         runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
-    hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
-            for (label, seed), r in runs.items()]
-    return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
-                       alignment_frame(runs), runs)
+    return TableResult.of(table, runs)

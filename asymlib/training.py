@@ -68,7 +68,10 @@ def divergence(history: list[dict]) -> tuple[int, float] | None:
     return None
 
 PROFILES = profile_names(custom=True)   # the registry's (asymlib.profiles), and "custom"
-_KEY_EXCLUDES = ("name", "profile", "device")  # labels and where it ran: not part of a run's identity
+#: labels, where it ran and in which memory layout: not part of a run's identity. The layout (like the
+#: device and the thread count) changes only the rounding: it is recorded with the run, and a checkpoint
+#: resumes only in the layout that wrote it
+_KEY_EXCLUDES = ("name", "profile", "device", "channels_last")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,7 +110,7 @@ class Config:
     val_split: float = 0.0
     metrics_every: int = 1           # epochs between alignment metrics (0: never)
     precision: str = "fp32"          # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + grad scaler, CUDA)
-    channels_last: bool = False      # conv nets in torch.channels_last (measured 1.6x faster on this CPU)
+    channels_last: bool = False      # conv nets in torch.channels_last (faster on this CPU: asymlib.bench); not in the key
     device: str = "auto"
     profile: str = CUSTOM
     name: str = ""
@@ -265,8 +268,15 @@ def _state(model, opt, gen, epoch, history) -> dict:
 
 
 def _check_resume(ckpt: dict, cfg: Config, data: TensorData, path) -> None:
-    """A checkpoint is resumed only with the data, asymlib code, torch and thread count that wrote it."""
+    """A checkpoint is resumed only with the data, asymlib code, torch, thread count and memory layout
+    that wrote it."""
     how = f"rerun with --force to start the run again (or delete {path})"
+    if bool(ckpt.get("channels_last", False)) != cfg.channels_last:
+        wrote = "channels-last" if ckpt.get("channels_last") else "the default (NCHW) layout"
+        raise StoreError(f"checkpoint {path} was written in {wrote}, this run asks for "
+                         f"{'channels-last' if cfg.channels_last else 'the default layout'} (the layout changes the "
+                         f"rounding): rerun {'with' if ckpt.get('channels_last') else 'without'} --channels-last "
+                         f"(channels_last={bool(ckpt.get('channels_last'))}) to resume, or {how}")
     wrote = {k: ckpt.get(k) for k in ("data", "code", "torch", "threads")}
     here = {"data": data.fingerprint, "code": code_fingerprint(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
@@ -420,6 +430,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         store.save_checkpoint(cfg, {**_state(model, opt, gen, epoch + 1, history), "segments": segments,
                                     "data": data.fingerprint, "code": code_fingerprint(),
                                     "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "channels_last": cfg.channels_last,
                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None})
         bar.set_postfix(test_acc=f"{row['test_acc']:.4f}", loss=f"{train_loss:.3f}")
         if on_epoch_end is not None:

@@ -4,6 +4,7 @@ and the optimizer state stay fp32; the gradients match the fp32 formulas within 
 `bp` matches torch's own layers under the same autocast."""
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -132,7 +133,25 @@ def test_channels_last_flows_through_forward_and_the_fused_backward():
     assert torch.allclose(xc.grad, xn.grad, atol=1e-5) and torch.allclose(conv.weight.grad, twin.weight.grad, atol=1e-4)
 
 
-def test_a_channels_last_run_trains_and_keys_apart(tmp_path):
+def test_the_layout_is_how_a_run_ran_not_which_run_it_is(tmp_path):
+    """channels-last is recorded with the run, like the device and the threads: one key for both layouts,
+    a stored run answers either, and a checkpoint resumes only in the layout that wrote it."""
+    from asymlib.store import StoreError
     base = dict(spec="Input - Conv3*3*4/1 - dense10", dataset="digits", device="cpu", epochs=2, batch_size=100)
-    run = train(Config(**base, channels_last=True), ResultStore(tmp_path), progress=False)
-    assert run.status == "completed" and Config(**base, channels_last=True).key() != Config(**base).key()
+    cl, nchw = Config(**base, channels_last=True), Config(**base)
+    assert cl.key() == nchw.key()
+    store = ResultStore(tmp_path / "a")
+    run = train(cl, store, progress=False)
+    assert run.status == "completed" and run.config.channels_last
+    again = train(nchw, store, progress=False)                     # stored: loaded, and says how it ran
+    assert again.loaded and again.config.channels_last
+    pd.testing.assert_frame_equal(again.history, run.history)
+    # an interrupted channels-last run does not resume in the default layout
+    store = ResultStore(tmp_path / "b")
+    stop = lambda epoch, row: (_ for _ in ()).throw(KeyboardInterrupt) if epoch == 1 else None
+    with pytest.raises(KeyboardInterrupt):
+        train(cl, store, progress=False, on_epoch_end=stop)
+    with pytest.raises(StoreError, match=r"written in channels-last.*rerun with --channels-last"):
+        train(nchw, store, progress=False)
+    resumed = train(cl, store, progress=False)
+    assert resumed.status == "completed" and len(resumed.history) == 2
