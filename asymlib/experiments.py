@@ -556,22 +556,20 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
 
 
 def seed_configs(table: str, rows: list[str] | None, profile: str, seed: int, precision: str = "auto",
-                 epochs: int | None = None, dataset: str | None = None, device: str = "auto",
-                 overrides: dict | None = None) -> list[Config]:
-    """The configs of ``rows`` of ``table`` (None: every row) for one seed, ``overrides`` (Config fields) applied."""
-    return [c.replace(**(overrides or {})) for c in get_table(table).configs(profile, seed, epochs, dataset, device, precision)
+                 epochs: int | None = None, dataset: str | None = None, device: str = "auto") -> list[Config]:
+    """The configs of ``rows`` of ``table`` (None: every row) for one seed."""
+    return [c for c in get_table(table).configs(profile, seed, epochs, dataset, device, precision)
             if rows is None or c.name in rows]
 
 
 def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: str = "auto", epochs: int | None = None,
-                 dataset: str | None = None, device: str = "auto", store=None, limit: int = 10,
-                 overrides: dict | None = None) -> int:
+                 dataset: str | None = None, device: str = "auto", store=None, limit: int = 10) -> int:
     """How many seeds 0 … n−1 of ``rows`` of ``table`` (None: every row) are all stored, up to ``limit``
-    (0 when seed 0 is not); ``overrides`` as for :func:`seed_configs`."""
+    (0 when seed 0 is not)."""
     store = store or ResultStore()
     n = 0
     while n < limit and all(store.load(c) is not None for c in seed_configs(table, rows, profile, n, precision, epochs,
-                                                                             dataset, device, overrides)):
+                                                                             dataset, device)):
         n += 1
     return n
 

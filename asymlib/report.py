@@ -357,16 +357,14 @@ class PrecisionCheck(NamedTuple):
 
 
 def precision_check(table: str, rows: list[str], profile: str, other: str = "bf16", epochs: int | None = None,
-                    dataset: str | None = None, device: str = "auto", store=None, overrides: dict | None = None):
+                    dataset: str | None = None, device: str = "auto", store=None):
     """Does training in ``other`` precision (bf16) move a table's results beyond fp32's seed-to-seed spread?
 
     Reads the stored runs only (it never trains): every fp32 seed and every ``other`` seed stored for
     all ``rows``. Per row: fp32's mean over its seeds and its range (highest − lowest seed), ``other``'s
     mean, and |Δ|, the mean |other − fp32| over the seeds run in both precisions. A row is *within the
     spread* when |Δ| ≤ fp32's range. The verdict is *inconclusive at this budget* with a single fp32
-    seed (no spread to compare with) or when every row is at chance in both precisions. ``overrides``
-    (Config fields) apply to both sides, e.g. ``{"channels_last": False}`` where the profile's own
-    runs are channels-last and the check ran in the default layout.
+    seed (no spread to compare with) or when every row is at chance in both precisions.
 
     Returns a :class:`PrecisionCheck`: the per-row ``frame`` (None when no seed is stored in both
     precisions), ``text``, a Markdown sentence with the verdict, the evidence behind it and the commands
@@ -380,14 +378,14 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     from .store import ResultStore
     from .training import train
     store = store or ResultStore()
-    n_fp, n_ot = (stored_seeds(table, rows, profile, prec, epochs, dataset, device, store, overrides=overrides)
+    n_fp, n_ot = (stored_seeds(table, rows, profile, prec, epochs, dataset, device, store)
                   for prec in ("fp32", other))
     cmd = lambda n, prec: table_command(table, profile, n, epochs, dataset, prec) + " --only " + " ".join(rows)
     more_fp, more_ot = cmd(max(n_fp + 1, 2), "fp32"), cmd(max(n_ot, 1) + (n_ot > 0), other)
     if n_fp == 0 or n_ot == 0:
         return PrecisionCheck(None, f"*Not run yet: `{cmd(1, other)}` and `{more_fp}` run it.*", ())
     runs = lambda n, prec: {(c.name, c.seed): train(c, store, progress=False) for s in range(n)
-                            for c in seed_configs(table, rows, profile, s, prec, epochs, dataset, device, overrides)}
+                            for c in seed_configs(table, rows, profile, s, prec, epochs, dataset, device)}
     fp, ot = (TableResult.of(get_table(table), runs(n, prec)) for n, prec in ((n_fp, "fp32"), (n_ot, other)))
     paired = range(min(n_fp, n_ot))
     lines = []

@@ -99,3 +99,23 @@ def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_p
         assert f"of the {len(above)} rows above chance" in c.text
         assert ("does not move the results" in c.text) == bool(above["within the spread"].all())
     assert {r.config.precision for res in c.results for r in res.runs.values()} == {"fp32", "bf16"}
+
+
+def test_a_profile_may_train_in_its_own_precision(monkeypatch):
+    """precision="auto" is the profile's own (fp32 unless the table's profile says bf16); an explicit
+    precision wins; commands name --precision only where it is not the profile's own."""
+    import dataclasses
+    from asymlib.experiments import TABLES, table_command
+    t = dataclasses.replace(get_table("table3"), profile_overrides={"cpu": {"precision": "bf16", "channels_last": True}})
+    monkeypatch.setitem(TABLES, "table3", t)
+    cpu, fp32, full = t.configs("cpu"), t.configs("cpu", precision="fp32"), t.configs("full")
+    assert {c.precision for c in cpu} == {"bf16"} and all(c.channels_last for c in cpu)
+    assert {c.precision for c in fp32} == {"fp32"} and all(c.channels_last for c in fp32)
+    assert {c.precision for c in full} == {"fp32"} and not any(c.channels_last for c in full)
+    assert t.precision("cpu") == "bf16" and t.precision("full") == t.precision("quick") == "fp32"
+    assert "--precision" not in table_command("table3", "cpu", 1) + table_command("table3", "cpu", 1, precision="bf16")
+    assert table_command("table3", "cpu", 1, precision="fp32").endswith("--seeds 1 --precision fp32")
+    assert table_command("table3", "full", 1, precision="bf16").endswith("--precision bf16")
+    assert "--precision" not in table_command("table3", "full", 1, precision="fp32")
+    # the layout is not in the key: the cpu profile's channels-last runs are the runs of its configs
+    assert [c.key() for c in fp32] == [c.replace(channels_last=False).key() for c in fp32]
