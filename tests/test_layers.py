@@ -314,6 +314,20 @@ def test_untied_fast_path_matches_the_unfold_formula(stride, padding, kernel):
     assert torch.allclose(x.grad, gx, atol=1e-12) and torch.allclose(lc.weight.grad, gw, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_untied_fold_of_16_bit_patches_sums_in_fp32(dtype, stride):
+    """The fold (the untied input gradient's sum over overlapping patches) of 16-bit patch gradients is
+    the fp32 fold rounded once: no low bits lost in the kh*kw partial sums; channels-last, in dP's dtype."""
+    torch.manual_seed(0)
+    lc = asymlib.LocallyConnected2d(6, 4, 5, (11, 11), stride, 2, rule="bp")
+    L = lc.output_size[0] * lc.output_size[1]
+    dP = torch.randn(L, 7, 25 * 6).to(dtype)
+    got = lc._fold(dP, (7, 6, 11, 11))
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, lc._fold(dP.float(), (7, 6, 11, 11)).to(dtype))
+
+
 @pytest.mark.parametrize("rule", ["usf", "frsf", "brsf", "psf(0.25)"])
 def test_sign_rules_feedback_is_exactly_magnitude_times_sign(rule):
     """B is built with one copysign pass; it must equal the docstring's |M| * sign(W) bit for bit."""
