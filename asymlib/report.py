@@ -361,10 +361,13 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     """Does training in ``other`` precision (bf16) move a table's results beyond fp32's seed-to-seed spread?
 
     Reads the stored runs only (it never trains): every fp32 seed and every ``other`` seed stored for
-    all ``rows``. Per row: fp32's mean over its seeds and its range (highest − lowest seed), ``other``'s
-    mean, and |Δ|, the mean |other − fp32| over the seeds run in both precisions. A row is *within the
-    spread* when |Δ| ≤ fp32's range. The verdict is *inconclusive at this budget* with a single fp32
-    seed (no spread to compare with) or when every row is at chance in both precisions.
+    all ``rows``. Per row: fp32's mean and std over its seeds, ``other``'s mean, and |Δ|, the mean
+    |other − fp32| over the seeds run in both precisions. Same seed or not, the two precisions' runs
+    part ways within an epoch, so |Δ| is set against the gap between two fp32 runs that differ only in
+    their seed: a row is within the spread when |Δ| ≤ 2·√2·s, with s fp32's seed std pooled over the
+    rows above chance (two or three seeds per row estimate it poorly alone). The verdict is
+    *inconclusive at this budget* with a single fp32 seed (no spread to compare with) or when every
+    row is at chance in both precisions.
 
     Returns a :class:`PrecisionCheck`: the per-row ``frame`` (None when no seed is stored in both
     precisions), ``text``, a Markdown sentence with the verdict, the evidence behind it and the commands
@@ -393,14 +396,19 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
         a, b = final_by_seed(fp, r), final_by_seed(ot, r)
         # a seed diverged in both precisions is the same outcome; diverged in one only is a difference (NaN)
         gap = float(np.mean([0.0 if math.isnan(a[s]) and math.isnan(b[s]) else abs(b[s] - a[s]) for s in paired]))
-        spread = float(a.max() - a.min()) if n_fp > 1 else math.nan
         lines.append({"row": r, f"fp32 ({n_fp} seed{'s' * (n_fp > 1)})": a.mean(),
                       f"{other} ({n_ot} seed{'s' * (n_ot > 1)})": b.mean(),
-                      f"|{other} − fp32|, same seeds": gap, "fp32 seed range": spread,
-                      "within the spread": (gap <= spread) if n_fp > 1 and not math.isnan(gap) else None,
+                      f"|{other} − fp32|, same seeds": gap, "fp32 seed std": a.std(ddof=1) if n_fp > 1 else math.nan,
                       "at chance": fp.at_chance(r) and ot.at_chance(r)})
     frame = pd.DataFrame(lines)
-    gap, told = frame[f"|{other} − fp32|, same seeds"], frame[~frame["at chance"]]
+    gap = frame[f"|{other} − fp32|, same seeds"]
+    told = ~frame["at chance"]
+    # one seed std for all rows (pooled: two or three seeds per row estimate it poorly on their own); two
+    # runs that differ only in their seed differ by up to 2 * sqrt(2) * std (two sigma of a difference)
+    pooled = float(np.sqrt(np.nanmean(frame["fp32 seed std"][told] ** 2))) if n_fp > 1 and told.any() else math.nan
+    band = 2 * math.sqrt(2) * pooled
+    frame["within 2√2·std"] = [(g <= band) if not (math.isnan(band) or math.isnan(g) or not t) else None
+                               for g, t in zip(gap, told)]
     done = lambda text: PrecisionCheck(frame, text, (fp, ot))
     evidence = (f"{n_ot} {other} seed{'s' * (n_ot > 1)} and {n_fp} fp32 seed{'s' * (n_fp > 1)} of {len(rows)} rows, "
                 f"{fp.summary.epochs.min()} epochs, {profile} profile")
@@ -411,14 +419,15 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
         return done(f"{other} moves the final accuracy by up to {gap.max():.2f} points ({evidence}). Whether that is "
                     f"more than another seed would move it is *{INCONCLUSIVE}*: with one fp32 seed there is no spread "
                     f"to set it against (`{more_fp}` adds one); the reproduction tables stay fp32.")
-    if told.empty:
+    if not told.any():
         return done(f"Every row is at chance in both precisions, so the comparison is *{INCONCLUSIVE}* "
                     f"({evidence}); the reproduction tables stay fp32.")
-    inside = int(told["within the spread"].sum())
-    text = (f"{other} moves the final accuracy by at most {told[gap.name].max():.2f} points; fp32's seeds span up to "
-            f"{told['fp32 seed range'].max():.2f}. In {inside} of the {len(told)} rows above chance the {other} gap is "
-            f"within fp32's seed range ({evidence})")
-    if inside == len(told):
+    inside = int(frame["within 2√2·std"][told].sum())
+    text = (f"{other} moves the final accuracy by at most {gap[told].max():.2f} points. fp32's seed std, pooled over "
+            f"the {int(told.sum())} rows above chance, is {pooled:.2f} points, so two fp32 runs that differ only in "
+            f"their seed differ by up to 2√2·std = {band:.2f} points (two sigma of a difference). In {inside} of "
+            f"those {int(told.sum())} rows the {other} gap is within that ({evidence})")
+    if inside == int(told.sum()):
         return done(text + f": at this evidence {other} does not move the results beyond the seed spread. More seeds "
                            f"in both (`{more_ot}`) narrow it down.")
     return done(text + f": {other} moves some rows beyond the seed spread, so the reproduction tables stay fp32.")

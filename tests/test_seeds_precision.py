@@ -78,7 +78,7 @@ def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_p
     fp1 = _train(store, tiny, 1, "fp32")
     monkeypatch.setenv("ASYMLIB_STORED_ONLY", "1")   # it reads what is stored: training anything would raise
     c = check()                                  # one fp32 seed: no spread, inconclusive
-    assert len(c.frame) == 2 and c.frame["within the spread"].isna().all()
+    assert len(c.frame) == 2 and c.frame["within 2√2·std"].isna().all()
     assert INCONCLUSIVE in c.text and re.search(r"--seeds 2 --epochs 1 .*--only DS0 DSR1`", c.text) and "stay fp32" in c.text
     gap = abs(final_by_seed(bf, "DS0")[0] - final_by_seed(fp1, "DS0")[0])
     assert math.isclose(c.frame.set_index("row").loc["DS0", "|bf16 − fp32|, same seeds"], gap)
@@ -89,15 +89,18 @@ def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_p
     for r in ROWS:
         by_seed = final_by_seed(fp, r)
         assert math.isclose(f.loc[r, "fp32 (3 seeds)"], by_seed.mean())
-        assert math.isclose(f.loc[r, "fp32 seed range"], by_seed.max() - by_seed.min())
-        assert f.loc[r, "within the spread"] == (f.loc[r, "|bf16 − fp32|, same seeds"] <= f.loc[r, "fp32 seed range"])
-    assert "1 bf16 seed and 3 fp32 seeds of 2 rows, 1 epochs, quick profile" in c.text
+        assert math.isclose(f.loc[r, "fp32 seed std"], by_seed.std(ddof=1))
     above = f[~f["at chance"]]
+    band = 2 * math.sqrt(2) * math.sqrt((above["fp32 seed std"] ** 2).mean())
+    for r in above.index:
+        assert f.loc[r, "within 2√2·std"] == (f.loc[r, "|bf16 − fp32|, same seeds"] <= band)
+    assert f["within 2√2·std"][f["at chance"]].isna().all()
     if above.empty:
         assert INCONCLUSIVE in c.text and "at chance" in c.text
     else:
-        assert f"of the {len(above)} rows above chance" in c.text
-        assert ("does not move the results" in c.text) == bool(above["within the spread"].all())
+        assert "1 bf16 seed and 3 fp32 seeds of 2 rows, 1 epochs, quick profile" in c.text
+        assert f"pooled over the {len(above)} rows above chance" in c.text and f"2√2·std = {band:.2f}" in c.text
+        assert ("does not move the results" in c.text) == bool(above["within 2√2·std"].all())
     assert {r.config.precision for res in c.results for r in res.runs.values()} == {"fp32", "bf16"}
 
 
