@@ -422,12 +422,13 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     if not told.any():
         return done(f"Every row is at chance in both precisions, so the comparison is *{INCONCLUSIVE}* "
                     f"({evidence}); the reproduction tables stay fp32.")
-    inside = int(frame["within 2√2·std"][told].sum())
+    inside, k = int(frame["within 2√2·std"][told].sum()), int(told.sum())
+    over = f"the {k} rows above chance" if k > 1 else f"the one row above chance ({frame.row[told].iloc[0]})"
     text = (f"{other} moves the final accuracy by at most {gap[told].max():.2f} points. fp32's seed std, pooled over "
-            f"the {int(told.sum())} rows above chance, is {pooled:.2f} points, so two fp32 runs that differ only in "
-            f"their seed differ by up to 2√2·std = {band:.2f} points (two sigma of a difference). In {inside} of "
-            f"those {int(told.sum())} rows the {other} gap is within that ({evidence})")
-    if inside == int(told.sum()):
+            f"{over}, is {pooled:.2f} points, so two fp32 runs that differ only in their seed differ by up to "
+            f"2√2·std = {band:.2f} points (two sigma of a difference). In {inside} of {k} row{'s' * (k > 1)} the "
+            f"{other} gap is within that ({evidence})")
+    if inside == k:
         return done(text + f": at this evidence {other} does not move the results beyond the seed spread. More seeds "
                            f"in both (`{more_ot}`) narrow it down.")
     return done(text + f": {other} moves some rows beyond the seed spread, so the reproduction tables stay fp32.")
