@@ -21,7 +21,7 @@ from .store import ResultStore
 from .training import Config, MissingRuns, Run, stored_only, train
 
 __all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
-           "table_command", "seed_configs", "stored_seeds", "summarize",
+           "table_command", "stored_seeds", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]
@@ -391,14 +391,6 @@ class TableResult:
         return iter((self.summary, self.histories))
 
     @classmethod
-    def of(cls, table: Table, runs: dict[tuple[str, int], Run]) -> "TableResult":
-        """The result of ``table``'s runs, ``{(row label, seed): Run}``."""
-        hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
-                for (label, seed), r in runs.items()]
-        return cls(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
-                   alignment_frame(runs), runs)
-
-    @classmethod
     def empty(cls) -> "TableResult":
         """A result with no rows (a table not run yet): every claim on it is open."""
         return cls(pd.DataFrame(columns=["row", "mean", "std", "n", "diverged", "epochs", "dataset"]),
@@ -558,21 +550,14 @@ def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = 
     return cmd
 
 
-def seed_configs(table: str, rows: list[str] | None, profile: str, seed: int, precision: str = "auto",
-                 epochs: int | None = None, dataset: str | None = None, device: str = "auto") -> list[Config]:
-    """The configs of ``rows`` of ``table`` (None: every row) for one seed."""
-    return [c for c in get_table(table).configs(profile, seed, epochs, dataset, device, precision)
-            if rows is None or c.name in rows]
-
-
 def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: str = "auto", epochs: int | None = None,
                  dataset: str | None = None, device: str = "auto", store=None, limit: int = 10) -> int:
     """How many seeds 0 … n−1 of ``rows`` of ``table`` (None: every row) are all stored, up to ``limit``
     (0 when seed 0 is not)."""
-    store = store or ResultStore()
+    store, t = store or ResultStore(), get_table(table)
     n = 0
-    while n < limit and all(store.load(c) is not None for c in seed_configs(table, rows, profile, n, precision, epochs,
-                                                                             dataset, device)):
+    while n < limit and all(store.load(c) is not None for c in t.configs(profile, n, epochs, dataset, device, precision)
+                            if rows is None or c.name in rows):
         n += 1
     return n
 
@@ -611,4 +596,7 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
     runs: dict[tuple[str, int], Run] = {}
     for cfg in todo:   # stored now (the jobs'), or trained here one after the other
         runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
-    return TableResult.of(table, runs)
+    hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
+            for (label, seed), r in runs.items()]
+    return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),
+                       alignment_frame(runs), runs)

@@ -377,9 +377,8 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     >>> check.frame, check.text
     """
     from .claims import INCONCLUSIVE
-    from .experiments import get_table, seed_configs, stored_seeds, table_command
+    from .experiments import run_table, stored_seeds, table_command
     from .store import ResultStore
-    from .training import train
     store = store or ResultStore()
     n_fp, n_ot = (stored_seeds(table, rows, profile, prec, epochs, dataset, device, store)
                   for prec in ("fp32", other))
@@ -387,9 +386,8 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     more_fp, more_ot = cmd(max(n_fp + 1, 2), "fp32"), cmd(max(n_ot, 1) + (n_ot > 0), other)
     if n_fp == 0 or n_ot == 0:
         return PrecisionCheck(None, f"*Not run yet: `{cmd(1, other)}` and `{more_fp}` run it.*", ())
-    runs = lambda n, prec: {(c.name, c.seed): train(c, store, progress=False) for s in range(n)
-                            for c in seed_configs(table, rows, profile, s, prec, epochs, dataset, device)}
-    fp, ot = (TableResult.of(get_table(table), runs(n, prec)) for n, prec in ((n_fp, "fp32"), (n_ot, other)))
+    fp, ot = (run_table(table, profile, n, epochs, dataset, device, store=store, progress=False, only=rows,
+                        precision=prec) for n, prec in ((n_fp, "fp32"), (n_ot, other)))
     paired = range(min(n_fp, n_ot))
     lines = []
     for r in rows:
