@@ -447,13 +447,20 @@ class TableResult:
         x = self.final(row)
         return "not run" if math.isnan(x) else f"{x:.1f}%"
 
-    def last(self, row: str, column: str) -> float:
+    def last(self, row: str, column: str, epoch: int | None = None) -> float:
         """Mean over seeds of ``column`` (e.g. ``train_loss``, ``train_eval_acc``) at each seed's last
-        epoch; NaN when the runs did not record it."""
+        epoch, or at ``epoch`` (over the seeds that reached it); NaN when the runs did not record it."""
         h = self.histories[self.histories.row == row]
+        if epoch is not None:
+            h = h[h.epoch == epoch]
         if column not in h or h.empty:
             return math.nan
         return float(h.sort_values("epoch").groupby("seed")[column].last().mean())
+
+    def last_epoch(self, row: str) -> int:
+        """The last epoch any seed of the row reached (0 when it has no history)."""
+        h = self.histories[self.histories.row == row] if len(self.histories) else self.histories
+        return int(h.epoch.max()) if len(h) else 0
 
 
 def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:

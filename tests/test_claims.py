@@ -39,6 +39,16 @@ def test_the_table_result_answers_final_at_diverged_and_gap():
     assert t.at_chance("DDR1") is False and fake({"DDR1": [12, 14]}).at_chance("DDR1")
 
 
+def test_last_reads_a_column_at_each_seeds_last_epoch_or_at_a_given_epoch():
+    # train_acc is the curve itself in fake(): seeds of 3 and 2 epochs
+    t = fake({"DD0": [[40, 50, 52], [40, 48]], "DDR1": [20, 30]})
+    assert t.last("DD0", "train_acc") == pytest.approx((0.52 + 0.48) / 2)       # each seed's own last
+    assert t.last("DD0", "train_acc", 2) == pytest.approx((0.50 + 0.48) / 2)    # both at epoch 2
+    assert t.last("DD0", "train_acc", 3) == pytest.approx(0.52)                 # the seed that reached it
+    assert math.isnan(t.last("DD0", "train_acc", 9)) and math.isnan(t.last("DD0", "train_eval_acc"))
+    assert t.last_epoch("DD0") == 3 and t.last_epoch("DDR1") == 2 and t.last_epoch("DDR4") == 0
+
+
 def test_a_claim_under_budget_is_inconclusive_whatever_the_numbers():
     t = fake({"DDR4": [30] * 10, "DDR1": [38] * 10})           # 10 epochs, the report's column is 200
     v = Claim("R4 below R1", [Below(t, "DDR4", "DDR1")], rests_on=200).evaluate()
