@@ -45,7 +45,9 @@ INCONCLUSIVE = "inconclusive at this budget"
 #: the rules as a chapter states them
 RULES_TEXT = (f"A verdict is *{INCONCLUSIVE}* when our runs reached less than {MIN_BUDGET:.0%} of the epochs of "
               f"the report column the claim rests on, when it compares two rows of which one is within "
-              f"{CHANCE_MARGIN:g} points of chance, or when a row or quantity it needs was not recorded. "
+              f"{CHANCE_MARGIN:g} points of chance, or when a row or quantity it needs was not recorded -- unless, "
+              f"within budget, a comparison that can be read already fails: a claim needs all of its comparisons, "
+              f"so it is then *not reproduced* (or *partly*, when another holds). "
               f"Otherwise it is *reproduced* (every comparison holds), *partly* or *not reproduced*.")
 
 
@@ -247,7 +249,8 @@ class Claim:
             ours = 0
         epochs = f"ours {ours} of {self.rests_on}"
         reasons = []
-        if ours < MIN_BUDGET * self.rests_on:
+        under_budget = ours < MIN_BUDGET * self.rests_on
+        if under_budget:
             reasons.append(f"runs of {ours} epochs, under {MIN_BUDGET:.0%} of the {self.rests_on} the claim rests on")
         checks = []
         for c in self.comparisons:
@@ -259,9 +262,13 @@ class Claim:
             if v is None:
                 reasons.append(f"open: {c.text()}")
             checks.append(v)
-        if reasons:
+        decided = [v for v in checks if v is not None]
+        if reasons and (under_budget or all(decided)):
             state = INCONCLUSIVE
             evidence += " — " + "; ".join(dict.fromkeys(reasons))
+        elif reasons:   # within budget, a comparison that can be read fails: the claim (all must hold) fails
+            state = "partly" if any(decided) else "not reproduced"
+            evidence += " — " + "; ".join(dict.fromkeys(reasons)) + " (the claim fails on the comparisons that can be read)"
         elif all(checks):
             state = "reproduced"
         elif not any(checks):

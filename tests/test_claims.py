@@ -66,6 +66,21 @@ def test_comparing_rows_at_chance_is_inconclusive_but_failing_at_chance_is_a_fin
     assert Claim("DD0 trains", [Trains(t, "DD0")], rests_on=100).evaluate()["state"] == "reproduced"
 
 
+def test_within_budget_a_failing_comparison_decides_a_claim_that_has_open_ones():
+    # max pooling "rescues" two random layers: the rescued row sits at chance (fails "trains"), and the
+    # comparison with the unrescued row is open (both at chance) -- the claim fails all the same
+    t = fake({"DDR2": [11] * 100, "DDR4": [12] * 100, "DD0": [50] * 100, "DDR1": [40] * 100})
+    v = Claim("R4 rescued", [Trains(t, "DDR4"), Below(t, "DDR2", "DDR4")], rests_on=100).evaluate()
+    assert v["state"] == "not reproduced" and "at chance" in v["evidence"]
+    v = Claim("mixed", [Trains(t, "DD0"), Trains(t, "DDR4"), Below(t, "DDR2", "DDR4")], rests_on=100).evaluate()
+    assert v["state"] == "partly"
+    # an open comparison beside ones that hold stays inconclusive; under budget nothing is decided
+    v = Claim("open", [Trains(t, "DD0"), Below(t, "DDR2", "DDR4")], rests_on=100).evaluate()
+    assert v["state"] == INCONCLUSIVE
+    v = Claim("short", [Trains(t, "DDR4"), Below(t, "DDR2", "DDR4")], rests_on=300).evaluate()
+    assert v["state"] == INCONCLUSIVE
+
+
 def test_states_reproduced_partly_not_and_missing_rows():
     t = fake({"DD0": [50] * 100, "DDR1": [40] * 100, "DDR1-U": [45] * 100, "DDR2": [30] * 100})
     assert Claim("a", [Below(t, "DDR1", "DD0"), Below(t, "DDR2", "DDR1")], 100).evaluate()["state"] == "reproduced"
