@@ -263,12 +263,13 @@ class Claim:
                 reasons.append(f"open: {c.text()}")
             checks.append(v)
         decided = [v for v in checks if v is not None]
+        if reasons:
+            evidence += " — " + "; ".join(dict.fromkeys(reasons))
         if reasons and (under_budget or all(decided)):
             state = INCONCLUSIVE
-            evidence += " — " + "; ".join(dict.fromkeys(reasons))
         elif reasons:   # within budget, a comparison that can be read fails: the claim (all must hold) fails
             state = "partly" if any(decided) else "not reproduced"
-            evidence += " — " + "; ".join(dict.fromkeys(reasons)) + " (the claim fails on the comparisons that can be read)"
+            evidence += " (the claim fails on the comparisons that can be read)"
         elif all(checks):
             state = "reproduced"
         elif not any(checks):

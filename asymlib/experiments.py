@@ -412,9 +412,7 @@ class TableResult:
 
     def at(self, row: str, epoch: int) -> float:
         """Mean test accuracy (%) at ``epoch`` over the seeds that reached it (NaN if none did)."""
-        h = self.histories
-        d = h[(h.row == row) & (h.epoch == epoch)].test_acc
-        return 100 * float(d.mean()) if len(d) else math.nan
+        return 100 * self.last(row, "test_acc", epoch)
 
     def diverged(self, row: str) -> bool:
         """Every seed of the row diverged (none completed)."""
