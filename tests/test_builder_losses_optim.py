@@ -1,4 +1,5 @@
 """build() on the report's own strings, losses, optimizers, clipping and metrics."""
+import copy
 import math
 import re
 
@@ -170,3 +171,34 @@ def test_alignment_metrics():
     assert all(v["angle_delta"] == pytest.approx(0, abs=1e-3) for v in asymlib.alignment(bp_net, loss_fn, x, y).values())
     assert math.isclose(asymlib.angle(torch.tensor([1.0, 0]), torch.tensor([0, 2.0])), 90)
     assert math.isnan(asymlib.angle(torch.ones(2), torch.ones(3)))
+
+
+@pytest.mark.parametrize("kind", ["Conv", "Untied"])
+@pytest.mark.parametrize("rule,batch_norm,bf16", [("bp", False, False), ("fa", True, False), ("dfa", False, False),
+                                                  ("bp", False, True), ("usf", False, True)])
+def test_max_pool_before_relu_gives_the_same_numbers_as_relu_before_max_pool(kind, rule, batch_norm, bf16):
+    # build() puts a max pool before the ReLU it follows (they commute); the report's order, ReLU then
+    # pool, must give bitwise the same outputs and gradients, ties and all-negative windows included
+    spec = f"Input - {kind}3*3*6/1 - Maxpool3*3/2 - {kind}3*3*6/1 - Avgpool3*3/2 - dense16 - dense10"
+    torch.manual_seed(0)
+    net, loss_fn = asymlib.build(spec, (3, 12, 12), rule=rule, batch_norm=batch_norm)
+    kinds = [type(m).__name__ for m in net]
+    i = kinds.index("MaxPool2d")
+    assert kinds[i + 1] == "ReLU" and kinds[i - 1] == ("BatchNorm2d" if batch_norm else "Conv2d" if kind == "Conv"
+                                                       else "LocallyConnected2d")
+    report_order = copy.deepcopy(net)
+    mods = list(report_order)
+    mods[i], mods[i + 1] = mods[i + 1], mods[i]
+    report_order = asymlib.builder.FeedbackNet(*mods)
+    x = torch.randn(16, 3, 12, 12).round()          # integer inputs: many exact ties in the pools
+    y = torch.randint(0, 10, (16,))
+    grads = []
+    for m in (net, report_order):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = m(x)
+            loss = loss_fn(out, y)
+        loss.backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.equal(a, b)
+    assert len(ga) == len(gb) and all(torch.equal(u, v) for u, v in zip(ga, gb))
