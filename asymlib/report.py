@@ -384,8 +384,9 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
                   for prec in ("fp32", other))
     cmd = lambda n, prec: table_command(table, profile, n, epochs, dataset, prec) + " --only " + " ".join(rows)
     more_fp, more_ot = cmd(max(n_fp + 1, 2), "fp32"), cmd(max(n_ot, 1) + (n_ot > 0), other)
-    if n_fp == 0 or n_ot == 0:
-        return PrecisionCheck(None, f"*Not run yet: `{cmd(1, other)}` and `{more_fp}` run it.*", ())
+    if n_fp == 0 or n_ot == 0:     # the commands for what is missing (one precision may be stored already)
+        missing = [f"`{c}`" for n, c in ((n_ot, cmd(1, other)), (n_fp, more_fp)) if n == 0]
+        return PrecisionCheck(None, f"*Not run yet: {' and '.join(missing)} run{'s' * (len(missing) == 1)} it.*", ())
     fp, ot = (run_table(table, profile, n, epochs, dataset, device, store=store, progress=False, only=rows,
                         precision=prec) for n, prec in ((n_fp, "fp32"), (n_ot, other)))
     paired = range(min(n_fp, n_ot))

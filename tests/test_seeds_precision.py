@@ -75,6 +75,9 @@ def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_p
     c = check()                                  # nothing stored: no table, the commands
     assert c.frame is None and "Not run yet" in c.text and re.search(r"--precision bf16 .*--only DS0 DSR1`", c.text)
     bf = _train(store, tiny, 1, "bf16")
+    c = check()                                  # bf16 stored, fp32 not: only the fp32 command
+    assert c.frame is None and "--precision bf16" not in c.text and re.search(r"^\*Not run yet: `[^`]*--seeds 2 [^`]*` "
+                                                                            r"runs it", c.text)
     fp1 = _train(store, tiny, 1, "fp32")
     monkeypatch.setenv("ASYMLIB_STORED_ONLY", "1")   # it reads what is stored: training anything would raise
     c = check()                                  # one fp32 seed: no spread, inconclusive
