@@ -8,6 +8,13 @@ training with a result store (:class:`Config`, :func:`train`) and the book's tab
 """
 import os as _os
 
+# `python -m asymlib` (and .book, .bench) restarts once with tcmalloc or jemalloc preloaded when one is
+# installed: glibc faults the pages of every freed multi-megabyte tensor back in at the next step
+# (asymlib.malloc; ASYMLIB_MALLOC=system opts out). Before torch is imported, so the restart is cheap.
+from . import malloc as _malloc
+
+_malloc.preload_allocator(_malloc._module_being_run() or "")
+
 # Transparent huge pages for torch's large CPU tensors (read by torch at its first allocation, so only
 # when asymlib is imported before torch; a value you set wins). Fresh multi-megabyte tensors are then
 # mapped 2 MB at a time instead of 4 kB: 3-5x faster to allocate here, 27% off the conv nets' step.

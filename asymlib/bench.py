@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .builder import build
+from .malloc import allocator_in_use
 from .layers import Conv2d, Linear
 from .rules import ErrorTap
 from .optim import make_optimizer
@@ -175,7 +176,8 @@ def main(argv=None) -> None:
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else \
         ["cpu" if a.device == "auto" else a.device]
     rules = a.rules if "bp" in a.rules else ["bp", *a.rules]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {a.batch}, median of {a.steps} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc {allocator_in_use()}, batch {a.batch}, "
+          f"median of {a.steps} "
           f"steps; ratios to plain torch (nn.Linear/nn.Conv2d) in the same run, the untied net's to the tied bp step")
     for device in devices:
         dev = torch.device(device)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .malloc import allocator_in_use
+
 from .data import REPO_ROOT
 
 __all__ = ["ResultStore", "StoreError", "atomic_write_bytes", "environment", "git_sha", "code_fingerprint"]
@@ -121,6 +123,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"asymlib": __version__, "git_sha": git_sha(), "code": code_fingerprint(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
             "device_name": dev_name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "malloc": allocator_in_use(),
             "host": platform.node()}
 
 
