@@ -141,7 +141,9 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
             if k in variants:   # a copy of the same model (same weights), its conv kernels channels-last
                 variants[k + "/ch-last"] = copy.deepcopy(variants[k]).to(dev, memory_format=cl)
                 inputs[k + "/ch-last"] = x.contiguous(memory_format=cl)
-    flops = step_flops(variants["bp"], x)
+    # each model's own count: the tied net of the untied comparison has fewer multiply-adds (its third
+    # conv is 'valid', 4x4, the untied one 'same', 8x8), so it must not be credited with the untied net's
+    flops = {k: step_flops(m, inputs[k]) for k, m in variants.items()}
     opts = {k: make_optimizer("adam", m.parameters()) for k, m in variants.items()}
     loss_fn = nn.CrossEntropyLoss()
     times = {k: [] for k in variants}
@@ -158,7 +160,7 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
         step, bwd = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
         rows.append(dict(net=net, precision=precision, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
                          step_ratio=step / base_step, backward_ratio=bwd / base_bwd, reference=ref,
-                         gflops=flops / step / 1e9))
+                         gflops=flops[k] / step / 1e9))
     return rows
 
 
