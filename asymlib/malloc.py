@@ -2,11 +2,11 @@
 
 A CPU training step allocates and frees tensors of tens of megabytes (activations, their gradients, the
 pooling layers' indices). glibc's malloc gives blocks that large back to the OS when they are freed, so
-every step faults their pages in again: on this machine a fresh 33 MB tensor takes 10-40 ms to zero, a
+every step faults their pages in again: on this machine a fresh 33 MB tensor takes 10-47 ms to zero, a
 reused one under 1 ms. tcmalloc (or jemalloc) keeps freed memory for the next step. Measured here
-(Poggio's net, bp, batch 500, 2 threads, median of 20 steps): fp32 299 -> 224 ms, bf16 channels-last
-107 -> 92 ms; the dense nets, whose tensors are small, do not change. The numbers are the same bits
-(tested); only the time changes.
+(Poggio's net, bp, batch 500, median of 20 steps): fp32 283-299 -> 223 ms at 2 threads, 477 -> 400 ms at
+one; bf16 channels-last within noise (107 -> 92 ms in one run, 101 -> 102 in another); the dense nets,
+whose tensors are small, do not change. The numbers are the same bits (tested); only the time changes.
 
 ``python -m asymlib``, ``python -m asymlib.book`` and ``python -m asymlib.bench`` start with
 :func:`preload_allocator`: where tcmalloc (Debian/Ubuntu: ``apt install libtcmalloc-minimal4``) or jemalloc
