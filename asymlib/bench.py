@@ -1,6 +1,7 @@
 """Training-step time of every rule against plain torch backprop, and how close to the machine's limit.
 
     python -m asymlib.bench [--nets ds0 dd poggio untied] [--precisions fp32 bf16] [--batch 500] [--steps 20]
+    python -m asymlib.bench --since REF     # Poggio's net now against the code of git commit REF
 
 First the machine's matmul peak per precision (a 2048^3 product). Then for each network and
 precision, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and one asymlib
@@ -10,14 +11,26 @@ the median step time (forward + backward + Adam step), its ratio to plain torch 
 forward, weight gradient and input gradient, the first layer's input gradient excluded) and that as a
 fraction of the precision's peak. The conv nets' bp is timed a second time in channels-last memory
 (``/ch-last``). The untied net (no torch twin) is compared with the tied net's ``bp`` step at the same
-precision.
+precision, twice: the book's tied net (third conv ``valid``, 4x4) and the same net with every conv
+``same`` (``tied bp/same pad``: the untied net's output sizes, so the same multiply-adds).
+
+``--since REF`` answers "how much faster than the code at commit REF": Poggio's net's ``bp`` step with
+the ``asymlib`` of REF (``git archive``) in fp32 NCHW, as it then ran (system malloc) and under
+today's process settings, against today's code in fp32 and in bf16 channels-last; each variant in
+its own fresh process, in interleaved rounds.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -133,11 +146,13 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
     if net != "untied":
         variants = {"torch": plain_torch(variants["bp"]).to(dev), **variants}
     else:   # no torch twin: the tied net's bp step is the reference
-        variants = {"tied bp": build(NETS["poggio"], in_shape, rule="bp")[0].to(dev), **variants}
+        variants = {"tied bp": build(NETS["poggio"], in_shape, rule="bp")[0].to(dev),
+                    "tied bp/same pad": build(NETS["poggio"], in_shape, rule="bp", conv_padding="same")[0].to(dev),
+                    **variants}
     inputs = {k: x for k in variants}
     if net in ("poggio", "untied"):   # the conv nets again in channels-last memory (Config.channels_last)
         cl = torch.channels_last
-        for k in ("tied bp", "torch", "bp"):
+        for k in ("tied bp", "tied bp/same pad", "torch", "bp"):
             if k in variants:   # a copy of the same model (same weights), its conv kernels channels-last
                 variants[k + "/ch-last"] = copy.deepcopy(variants[k]).to(dev, memory_format=cl)
                 inputs[k + "/ch-last"] = x.contiguous(memory_format=cl)
@@ -164,6 +179,96 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
     return rows
 
 
+#: Poggio's net's bp training step, timed in a fresh process with whichever ``asymlib`` is first on its
+#: path (today's or an old commit's): it uses only ``build`` and ``make_optimizer``, which every version has
+_STEP_SCRIPT = r"""
+import json, sys, time
+import asymlib, torch
+from asymlib.builder import build
+from asymlib.optim import make_optimizer
+spec, precision, layout, batch, steps, threads, expect = json.loads(sys.argv[1])
+if not asymlib.__file__.startswith(expect):
+    sys.exit(f"imported asymlib from {asymlib.__file__}, expected the one under {expect}")
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+net = build(spec, (3, 32, 32), rule="bp")
+net = net[0] if isinstance(net, tuple) else net
+x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+if layout == "channels-last":
+    net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+opt, loss_fn, times = make_optimizer("adam", net.parameters()), torch.nn.CrossEntropyLoss(), []
+for i in range(3 + steps):
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = loss_fn(net(x), y)
+    loss.backward()
+    opt.step()
+    if i >= 3:
+        times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def package_at(ref: str, dest: Path) -> Path:
+    """Extract the ``asymlib`` package of git commit ``ref`` of this checkout into ``dest``; returns ``dest``."""
+    import io
+    import tarfile
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "archive", ref, "asymlib"], capture_output=True, check=True)
+    except FileNotFoundError:
+        raise SystemExit("--since needs git on the PATH and asymlib run from a git checkout") from None
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"--since {ref!r}: `git archive` in {repo} failed ({e.stderr.decode().strip()}); give a "
+                         f"commit of this repository that has asymlib/, e.g. e6e5f1f (the code when issue 14 "
+                         f"measured the fp32 step)") from None
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return dest
+
+
+def speedup_since(ref: str, batch: int = 500, steps: int = 10, rounds: int = 3,
+                  threads: int | None = None) -> list[dict]:
+    """Poggio's net's bp step (Adam, CPU) with the code of commit ``ref`` against today's, each variant in
+    a fresh process, in ``rounds`` interleaved rounds of ``steps`` timed steps (after 3 warm-up steps).
+
+    Rows: ``ref`` in fp32 NCHW as it ran then (system malloc, none of the process settings asymlib
+    adds today) and under today's settings (the caching allocator, transparent huge pages); today's
+    code in fp32 NCHW, fp32 channels-last and bf16 channels-last. ``speedup`` is
+    the first row's median step over the row's."""
+    threads = threads or torch.get_num_threads()
+    here = Path(__file__).resolve().parent.parent
+    # the process settings asymlib adds today (the allocator restart, transparent huge pages), undone for
+    # the code of REF as it ran then, and kept for the same code under today's settings
+    import asymlib
+    now = dict(os.environ)
+    then = {k: v for k, v in now.items() if k != "LD_PRELOAD"
+            and not (k == "THP_MEM_ALLOC_ENABLE" and asymlib._THP_SET_HERE)} | {"ASYMLIB_MALLOC": "system"}
+    settings = allocator_in_use() + (", THP" if now.get("THP_MEM_ALLOC_ENABLE") == "1" else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        old = package_at(ref, Path(tmp))
+        variants = [(f"{ref} fp32 NCHW, as it ran (system malloc)", old, "fp32", "NCHW", then),
+                    (f"{ref} fp32 NCHW, today's {settings}", old, "fp32", "NCHW", now),
+                    (f"now fp32 NCHW, {settings}", here, "fp32", "NCHW", now),
+                    (f"now fp32 channels-last, {settings}", here, "fp32", "channels-last", now),
+                    (f"now bf16 channels-last, {settings}", here, "bf16", "channels-last", now)]
+        times = {v[0]: [] for v in variants}
+        for _ in range(rounds):
+            for name, root, precision, layout, env in variants:
+                args = json.dumps([NETS["poggio"], precision, layout, batch, steps, threads, str(root / "asymlib")])
+                env = env | {"PYTHONPATH": os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))}
+                run = subprocess.run([sys.executable, "-c", _STEP_SCRIPT, args], env=env, cwd=root, capture_output=True,
+                                     text=True)
+                if run.returncode != 0:
+                    raise RuntimeError(f"--since: timing {name!r} failed:\n{run.stderr[-2000:]}")
+                times[name] += json.loads(run.stdout.strip().splitlines()[-1])
+    base = statistics.median(times[variants[0][0]])
+    return [dict(variant=k, step_ms=1e3 * statistics.median(ts), speedup=base / statistics.median(ts),
+                 steps=len(ts)) for k, ts in times.items()]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m asymlib.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +279,16 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=500, help="batch size (the report's: 500)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (both when CUDA is present)")
+    ap.add_argument("--since", metavar="REF", help="only Poggio's net's step, today's code against git commit "
+                    "REF's (CPU): e.g. e6e5f1f, the code issue 14's fp32 step was measured on")
     a = ap.parse_args(argv)
+    if a.since:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {a.batch}, Poggio's net bp "
+              f"with Adam, median of {3 * a.steps} steps (3 interleaved rounds, a fresh process each)")
+        print(f"{'variant':<54}{'step ms':>10}{'speedup':>9}")
+        for r in speedup_since(a.since, a.batch, a.steps):
+            print(f"{r['variant']:<54}{r['step_ms']:>10.1f}{r['speedup']:>8.2f}x")
+        return
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else \
         ["cpu" if a.device == "auto" else a.device]
     rules = a.rules if "bp" in a.rules else ["bp", *a.rules]
@@ -190,12 +304,12 @@ def main(argv=None) -> None:
         for net in a.nets:
             for prec in precisions:
                 print(f"\n{net}, {prec}, on {name}")
-                print(f"{'variant':<18}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}"
+                print(f"{'variant':<26}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'GFLOPS':>9}"
                       f"{'of peak':>9}")
                 rows = bench(net, rules, a.batch, a.steps, device=device, precision=prec)
                 bp = next(r["step_ms"] for r in rows if r["variant"] == "bp")
                 for r in rows:
-                    print(f"{r['variant']:<18}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
+                    print(f"{r['variant']:<26}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
                           f"{r['backward_ms']:>10.1f}{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}"
                           f"{r['gflops'] / peaks[prec]:>9.1%}")
 

@@ -27,6 +27,32 @@ def test_each_variant_is_credited_with_its_own_flops():
     x = torch.randn(2, 3, 32, 32)
     tied, untied = (bench.step_flops(build(bench.NETS[n], (3, 32, 32))[0], x) for n in ("poggio", "untied"))
     assert untied > 1.2 * tied
-    for name, count in (("tied bp", tied), ("bp", untied), ("tied bp/ch-last", tied), ("bp/ch-last", untied)):
+    same = bench.step_flops(build(bench.NETS["poggio"], (3, 32, 32), conv_padding="same")[0], x)
+    assert same == untied      # the tied reference with the untied net's output sizes: the same multiply-adds
+    for name, count in (("tied bp", tied), ("bp", untied), ("tied bp/ch-last", tied), ("bp/ch-last", untied),
+                        ("tied bp/same pad", same), ("tied bp/same pad/ch-last", same)):
         r = rows[name]
         assert abs(r["gflops"] * r["step_ms"] / 1e3 * 1e9 / count - 1) < 1e-9, name
+
+
+def test_since_times_an_old_commits_code_against_todays(capsys):
+    """``--since REF`` runs Poggio's net with the asymlib of commit REF (extracted with git archive) and
+    with today's, each in its own process: every row reports, the first is the speedup's reference."""
+    import subprocess
+    import pytest
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=bench.Path(bench.__file__).parent).stdout.strip()
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    rows = bench.speedup_since(head, batch=2, steps=1, rounds=1)
+    names = [r["variant"] for r in rows]
+    assert names[0] == f"{head} fp32 NCHW, as it ran (system malloc)" and rows[0]["speedup"] == 1.0
+    assert names[-1].startswith("now bf16 channels-last")
+    assert all(r["step_ms"] > 0 and r["steps"] == 1 for r in rows)
+
+
+def test_since_a_commit_that_does_not_exist_says_what_to_give():
+    import pytest
+    with pytest.raises(SystemExit, match=r"--since 'no-such-commit'.*give a commit of this repository"):
+        bench.package_at("no-such-commit", bench.Path("/nonexistent"))
