@@ -70,14 +70,16 @@ class _FeedbackFunction(torch.autograd.Function):
         if layer.exact or not rule.direct:
             # delta = G B with a matrix B (W itself for exact backprop, used by the metrics). B is built
             # only when delta is needed (not for a first layer): the layers read just its shape otherwise
-            B = W if layer.exact or not rule.asymmetric or not need_x else rule.feedback(layer).to(x.dtype)
+            B = W if layer.exact or not rule.asymmetric or not need_x else rule.feedback_as(layer, x.dtype)
             gx, gW = layer.grads(x, G, B, need_x)
         else:  # a rule with its own delta (DFA)
             gx = rule.input_grad(layer, G, x) if need_x else None
             gW = layer.grad_weight(x, G)
-        gW = gW.to(layer.weight.dtype)    # W's gradient (and a learned B's) in the parameters' dtype
+        # a learned B's gradients from gW in the compute dtype (pfa's product runs in it), then every
+        # gradient in its parameter's dtype (fp32 master weights); first: weight_grad may add to gW in place
+        gB = [g.to(p.dtype) for g, p in zip(rule.feedback_grads(layer, gW), rule.feedback_params(layer))]
+        gW = gW.to(layer.weight.dtype)
         gb = layer.grad_bias(G).to(layer.bias.dtype) if ctx.has_bias else None
-        gB = rule.feedback_grads(layer, gW)     # first: weight_grad may add to gW in place
         return (None, gx, rule.weight_grad(layer, gW), gb, *gB)
 
 

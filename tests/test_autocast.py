@@ -155,3 +155,19 @@ def test_the_layout_is_how_a_run_ran_not_which_run_it_is(tmp_path):
         train(nchw, store, progress=False)
     resumed = train(cl, store, progress=False)
     assert resumed.status == "completed" and len(resumed.history) == 2
+
+
+def test_pfa_computes_its_products_in_the_compute_dtype():
+    """pfa's B = P R and its learned gradient P^T dW run in the autocast dtype, as the layer's own
+    products do (in fp32 they cost pfa(2) four times bp's bf16 step); in fp32 nothing changes."""
+    torch.manual_seed(0)
+    layer = asymlib.Linear(24, 16, rule="pfa(2)")
+    rule, P, R = layer.rule, layer.feedback_fixed, layer.feedback_learned.detach()
+    B = rule.feedback_as(layer, torch.bfloat16)
+    assert B.dtype == torch.bfloat16 and torch.equal(B, P.bfloat16() @ R.bfloat16())
+    assert torch.equal(rule.feedback_as(layer, torch.float32), P @ R) and torch.equal(layer.B, P @ R)
+    gW = torch.randn(16, 24)
+    (gR16,) = rule.feedback_grads(layer, gW.bfloat16())
+    assert gR16.dtype == torch.float32     # + λR in fp32: the learned R's gradient stays fp32
+    assert torch.equal(gR16, P.T.bfloat16() @ gW.bfloat16() + rule.weight_decay * R)
+    assert torch.equal(rule.feedback_grads(layer, gW)[0], P.T @ gW + rule.weight_decay * R)
