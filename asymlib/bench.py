@@ -94,18 +94,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     return 2 * n ** 3 / best / 1e9
 
 
-def step_flops(model: nn.Module, x: torch.Tensor) -> int:
+def step_flops(model: nn.Module, x: torch.Tensor, rule_products: bool = False) -> int:
     """FLOPs of backprop's training step in the weight layers: per layer 2 x its forward multiply-adds
     for the forward, the weight gradient and the input gradient -- the last skipped for a layer whose
     input needs no gradient (the first), as autograd and asymlib skip it. Every rule is timed against
-    this same count (bp-equivalent FLOPs)."""
+    this same count (bp-equivalent FLOPs). ``rule_products=True`` adds the products a rule does on top
+    (pfa: P^T dW in every layer, and B = P R where the input gradient is needed)."""
     from .layers import FeedbackLayer
+    from .rules import ProductFeedback
     flops, hooks = [0], []
 
     def hook(m, inp, out):
         per_output = m.weight[0].numel() if not hasattr(m, "output_size") else m.weight.shape[2]
         passes = 3 if inp[0].requires_grad else 2
         flops[0] += 2 * passes * out.numel() * per_output
+        if rule_products and isinstance(getattr(m, "rule", None), ProductFeedback):
+            product = 2 * m.feedback_fixed.numel() * m.feedback_learned.shape[1]    # out x n_mid x rest
+            flops[0] += product * (2 if inp[0].requires_grad else 1)
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, FeedbackLayer)):
             hooks.append(m.register_forward_hook(hook))
@@ -159,6 +164,7 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
     # each model's own count: the tied net of the untied comparison has fewer multiply-adds (its third
     # conv is 'valid', 4x4, the untied one 'same', 8x8), so it must not be credited with the untied net's
     flops = {k: step_flops(m, inputs[k]) for k, m in variants.items()}
+    own = {k: step_flops(m, inputs[k], rule_products=True) for k, m in variants.items()}
     opts = {k: make_optimizer("adam", m.parameters()) for k, m in variants.items()}
     loss_fn = nn.CrossEntropyLoss()
     times = {k: [] for k in variants}
@@ -175,7 +181,7 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
         step, bwd = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
         rows.append(dict(net=net, precision=precision, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
                          step_ratio=step / base_step, backward_ratio=bwd / base_bwd, reference=ref,
-                         gflops=flops[k] / step / 1e9))
+                         gflops=flops[k] / step / 1e9, multiply_add_ratio=own[k] / flops[k]))
     return rows
 
 
@@ -312,6 +318,10 @@ def main(argv=None) -> None:
                     print(f"{r['variant']:<26}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
                           f"{r['backward_ms']:>10.1f}{r['backward_ratio']:>8.3f}{r['gflops']:>9.1f}"
                           f"{r['gflops'] / peaks[prec]:>9.1%}")
+                for r in rows:   # rules with products of their own (pfa): their multiply-adds against bp's
+                    if r["multiply_add_ratio"] != 1:
+                        print(f"  {r['variant']}: {r['multiply_add_ratio']:.2f}x bp's multiply-adds, "
+                              f"step {r['step_ms'] / bp:.2f}x bp's")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_since_a_commit_that_does_not_exist_says_what_to_give():
     import pytest
     with pytest.raises(SystemExit, match=r"--since 'no-such-commit'.*give a commit of this repository"):
         bench.package_at("no-such-commit", bench.Path("/nonexistent"))
+
+
+def test_pfa_is_credited_with_its_own_products():
+    """pfa's multiply-adds against bp's: its P^T dW in every layer and B = P R where the input gradient
+    is needed, on top of bp's three products (the bench prints the ratio beside the step's)."""
+    import torch
+    from asymlib.builder import build
+    x = torch.randn(4, 3, 32, 32)
+    net = build(bench.NETS["ds0"], (3, 32, 32), rule="pfa(2)")[0]
+    layers = [m for m in net if hasattr(m, "feedback_fixed")]
+    extra = sum(2 * m.feedback_fixed.numel() * m.feedback_learned.shape[1] * (1 if i == 0 else 2)
+                for i, m in enumerate(layers))
+    assert bench.step_flops(net, x, rule_products=True) == bench.step_flops(net, x) + extra
+    bp = build(bench.NETS["ds0"], (3, 32, 32), rule="bp")[0]
+    assert bench.step_flops(bp, x, rule_products=True) == bench.step_flops(bp, x)
+    rows = {r["variant"]: r for r in bench.bench("ds0", ["bp", "pfa(2)"], batch=4, steps=1, warmup=0)}
+    assert rows["bp"]["multiply_add_ratio"] == 1 and rows["pfa(2)"]["multiply_add_ratio"] > 1.5
