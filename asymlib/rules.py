@@ -37,6 +37,7 @@ Rules (names accepted by :func:`get_rule`; parameters in parentheses, e.g. ``"ps
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
@@ -51,8 +52,31 @@ __all__ = [
     "FeedbackRule", "Backprop", "FeedbackAlignment", "UpdatedFeedback", "KolenPollack",
     "UniformSignFeedback", "BatchRandomSignFeedback", "FixedRandomSignFeedback",
     "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "parse_rule", "canonical_rule", "resolve_rules", "RulePlan", "is_direct", "RULES",
-    "glorot_uniform_", "glorot_std",
+    "glorot_uniform_", "glorot_std", "gradient_scale",
 ]
+
+
+_GRADIENT_SCALE = [1.0]    # set by gradient_scale() while a scaled loss is differentiated
+
+
+@contextlib.contextmanager
+def gradient_scale(scale: float):
+    """Within the block, the loss being differentiated was multiplied by ``scale`` (a grad scaler's
+    factor, fp16): the terms a rule adds to gradients itself (the decay of ``kp`` and ``pfa``) are
+    multiplied by it too, so that they come out right when the scaler divides the gradients back.
+    Without it, a scale of 65536 would shrink the decay 65536-fold. :func:`asymlib.training.scaled_backward`
+    does this for you::
+
+        with asymlib.rules.gradient_scale(scaler.get_scale()):
+            scaler.scale(loss).backward()
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"gradient_scale: scale must be a finite number > 0, got {scale!r}")
+    previous, _GRADIENT_SCALE[0] = _GRADIENT_SCALE[0], float(scale)
+    try:
+        yield
+    finally:
+        _GRADIENT_SCALE[0] = previous
 
 
 def _fans(shape: torch.Size) -> tuple[int, int]:
@@ -193,11 +217,11 @@ class KolenPollack(UpdatedFeedback):
             raise ValueError(f"kp: weight_decay must be >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
 
-    def weight_grad(self, layer, gW):
-        return gW.add_(layer.weight.detach(), alpha=self.weight_decay)   # one pass, in place
+    def weight_grad(self, layer, gW):   # one pass, in place; the decay scaled as the loss was (gradient_scale)
+        return gW.add_(layer.weight.detach(), alpha=self.weight_decay * _GRADIENT_SCALE[0])
 
     def feedback_grads(self, layer, gW):
-        return (torch.add(gW, layer.feedback_weight.detach(), alpha=self.weight_decay),)
+        return (torch.add(gW, layer.feedback_weight.detach(), alpha=self.weight_decay * _GRADIENT_SCALE[0]),)
 
     def extra_repr(self):
         return f"{self.weight_decay:g}"
@@ -406,12 +430,13 @@ class ProductFeedback(FeedbackRule):
     def feedback_params(self, layer):
         return (layer.feedback_learned,)
 
-    def weight_grad(self, layer, gW):
-        return gW + self.weight_decay * layer.weight.detach()
+    def weight_grad(self, layer, gW):   # the decay scaled as the loss was (gradient_scale)
+        return gW + (self.weight_decay * _GRADIENT_SCALE[0]) * layer.weight.detach()
 
     def feedback_grads(self, layer, gW):
         R = layer.feedback_learned.detach()
-        return (layer.feedback_fixed.T.to(gW.dtype) @ gW.reshape(gW.shape[0], -1) + self.weight_decay * R,)
+        return (layer.feedback_fixed.T.to(gW.dtype) @ gW.reshape(gW.shape[0], -1)
+                + (self.weight_decay * _GRADIENT_SCALE[0]) * R,)
 
     def extra_repr(self):
         return f"{self.expansion:g}"

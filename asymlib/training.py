@@ -28,7 +28,7 @@ from .losses import get_loss
 from .metrics import alignment
 from .optim import OPTIMIZERS, clip_asymmetric_grads, make_optimizer
 from .profiles import CUSTOM, profile_names
-from .rules import canonical_rule
+from .rules import canonical_rule, gradient_scale
 from .store import ResultStore, StoreError, code_fingerprint, environment
 
 __all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "PRECISIONS", "autocast", "DIVERGED_LOSS", "divergence",
@@ -244,6 +244,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def scaled_backward(loss: torch.Tensor, scaler: "torch.amp.GradScaler") -> None:
+    """``scaler.scale(loss).backward()`` with the rules' own gradient terms (kp's and pfa's decay)
+    scaled alike (:func:`asymlib.rules.gradient_scale`), so that unscaling gives them back exactly."""
+    with gradient_scale(scaler.get_scale() if scaler.is_enabled() else 1.0):
+        scaler.scale(loss).backward()
+
+
 @torch.no_grad()
 def evaluate(model, loss_fn, data: TensorData, x_uint8, y, chunk: int = 1000,
              precision: str = "fp32") -> tuple[float, float]:
@@ -398,7 +405,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
             with autocast(device, cfg.precision):
                 out = model(x)
                 loss = loss_fn(out, y)
-            scaler.scale(loss).backward()
+            scaled_backward(loss, scaler)
             if cfg.clip is not None:
                 scaler.unscale_(opt)
                 clip_asymmetric_grads(model, cfg.clip)

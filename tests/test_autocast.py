@@ -171,3 +171,35 @@ def test_pfa_computes_its_products_in_the_compute_dtype():
     assert gR16.dtype == torch.float32     # + λR in fp32: the learned R's gradient stays fp32
     assert torch.equal(gR16, P.T.bfloat16() @ gW.bfloat16() + rule.weight_decay * R)
     assert torch.equal(rule.feedback_grads(layer, gW)[0], P.T @ gW + rule.weight_decay * R)
+
+
+@pytest.mark.parametrize("rule", ["kp(0.1)", "pfa(2)", "fa-updated"])
+def test_a_grad_scaler_leaves_the_rules_own_decay_intact(rule):
+    """fp16 trains with a grad scaler: the loss is multiplied by S before backward and the gradients
+    divided by S after. kp's and pfa's decay, added inside the backward, must be scaled alike or it
+    comes out S times too small. A CPU GradScaler runs the same arithmetic as CUDA's."""
+    from asymlib.training import scaled_backward
+    torch.manual_seed(0)
+    net = asymlib.build("Input - dense16 - dense8 - dense10", (12,), 10, rule=rule)[0]
+    x, y = torch.randn(32, 12), torch.randint(0, 10, (32,))
+    ref = copy.deepcopy(net)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    for use_scale in (True, False):
+        twin = copy.deepcopy(net)
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        loss = nn.functional.cross_entropy(twin(x), y)
+        if use_scale:
+            scaled_backward(loss, scaler)
+        else:               # what the loop did before: the decay added to scaled gradients
+            scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        ok = all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+                 for p, q in zip(twin.parameters(), ref.parameters()))
+        assert ok == (use_scale or rule == "fa-updated"), (rule, use_scale)   # fa-updated has no decay
+
+
+def test_gradient_scale_rejects_a_bad_scale():
+    with pytest.raises(ValueError, match="finite number > 0"):
+        with asymlib.rules.gradient_scale(float("inf")):
+            pass
