@@ -79,6 +79,11 @@ def gradient_scale(scale: float):
         _GRADIENT_SCALE[0] = previous
 
 
+def _decay(weight_decay: float) -> float:
+    """A rule's own decay λ as the loss is scaled now (:func:`gradient_scale`; 1 outside it)."""
+    return weight_decay * _GRADIENT_SCALE[0]
+
+
 def _fans(shape: torch.Size) -> tuple[int, int]:
     """Glorot's fans for a weight of shape ``(out, in, *kernel)`` (or ``(out, positions, in*k*k)``
     for a locally connected layer, see :class:`asymlib.LocallyConnected2d`)."""
@@ -217,11 +222,11 @@ class KolenPollack(UpdatedFeedback):
             raise ValueError(f"kp: weight_decay must be >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
 
-    def weight_grad(self, layer, gW):   # one pass, in place; the decay scaled as the loss was (gradient_scale)
-        return gW.add_(layer.weight.detach(), alpha=self.weight_decay * _GRADIENT_SCALE[0])
+    def weight_grad(self, layer, gW):   # one pass, in place
+        return gW.add_(layer.weight.detach(), alpha=_decay(self.weight_decay))
 
     def feedback_grads(self, layer, gW):
-        return (torch.add(gW, layer.feedback_weight.detach(), alpha=self.weight_decay * _GRADIENT_SCALE[0]),)
+        return (torch.add(gW, layer.feedback_weight.detach(), alpha=_decay(self.weight_decay)),)
 
     def extra_repr(self):
         return f"{self.weight_decay:g}"
@@ -430,13 +435,13 @@ class ProductFeedback(FeedbackRule):
     def feedback_params(self, layer):
         return (layer.feedback_learned,)
 
-    def weight_grad(self, layer, gW):   # the decay scaled as the loss was (gradient_scale)
-        return gW + (self.weight_decay * _GRADIENT_SCALE[0]) * layer.weight.detach()
+    def weight_grad(self, layer, gW):
+        return gW + _decay(self.weight_decay) * layer.weight.detach()
 
     def feedback_grads(self, layer, gW):
         R = layer.feedback_learned.detach()
         return (layer.feedback_fixed.T.to(gW.dtype) @ gW.reshape(gW.shape[0], -1)
-                + (self.weight_decay * _GRADIENT_SCALE[0]) * R,)
+                + _decay(self.weight_decay) * R,)
 
     def extra_repr(self):
         return f"{self.expansion:g}"
