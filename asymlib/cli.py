@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = a.jobs or default_jobs(a.device)
             summary, _ = run_table(a.name, a.profile, a.seeds, a.epochs, a.dataset, a.device,
-                                   progress=not a.no_progress and jobs == 1, only=a.only, precision=a.precision,
+                                   progress=not a.no_progress, only=a.only, precision=a.precision,
                                    jobs=jobs, cluster=None if a.cluster == "auto" else a.cluster,
                                    slurm_partition=a.slurm_partition)
             print(TABLES[a.name].title)

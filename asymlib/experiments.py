@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,10 +479,11 @@ def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
 
 
 def _train_job(cfg: Config, root: str, threads: int) -> tuple[str, float]:
-    """One row of a table in its own process (a submitit job): ``threads`` CPU threads, stored in ``root``."""
+    """One row of a table in its own process (a submitit job): ``threads`` CPU threads, stored in ``root``;
+    its epoch bar goes to the job's log (``_build/jobs/<id>/<id>_0_log.err``, or Slurm's)."""
     import torch
     torch.set_num_threads(threads)
-    run = train(cfg, ResultStore(root), progress=False)
+    run = train(cfg, ResultStore(root), progress=True)
     return run.status, float(run.final["test_acc"])
 
 
@@ -494,12 +496,13 @@ def default_jobs(device: str = "auto") -> int:
 
 def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str | None = "local",
              folder: str | Path | None = None, timeout_min: int = 24 * 60, slurm_partition: str | None = None,
-             log=print) -> None:
+             progress: bool = True) -> None:
     """Train ``configs`` (the ones not stored) in ``jobs`` processes at a time, through submitit: its
     local executor here, Slurm on a cluster (``cluster="slurm"``, or None to pick Slurm when present),
     results written to ``store`` (a shared folder on a cluster). Each run is resumable on its own; one
-    line per finished row. The numbers are the serial runner's: each run has its seed, device and
-    thread count (the CPU's cores split among the jobs)."""
+    line per finished row, and (``progress``) a bar of the epochs done over all of them, read from the
+    runs' checkpoints. The numbers are the serial runner's: each run has its seed, device and thread
+    count (the CPU's cores split among the jobs)."""
     import submitit
     todo = [c for c in configs if store.load(c) is None]
     if not todo:
@@ -510,38 +513,72 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
     executor.update_parameters(timeout_min=timeout_min, cpus_per_task=threads, name="asymlib")
     if slurm_partition:
         executor.update_parameters(slurm_partition=slurm_partition, slurm_array_parallelism=jobs)
-    pending, running, done, failed = list(todo), {}, 0, []
+    pending, running, failed = list(todo), {}, []
+    bar = _EpochBar(todo, store, jobs, progress)
     try:
-        _drive(executor, pending, running, jobs, threads, store, todo, failed, log)
+        _drive(executor, pending, running, jobs, threads, store, todo, failed, bar)
     except KeyboardInterrupt:   # stop the jobs too: each resumes from its checkpoint next time
         for job in running:
             job.cancel(check=False)
         raise
+    finally:
+        bar.close()
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: " + "; ".join(failed))
 
 
-def _drive(executor, pending, running, jobs, threads, store, todo, failed, log) -> None:
+class _EpochBar:
+    """The parallel runner's progress: the epochs the runs' checkpoints hold, summed over the rows
+    (a finished row counts all its epochs), re-read every ``every`` seconds; the rows' lines print
+    above the bar."""
+
+    def __init__(self, todo: list[Config], store: ResultStore, jobs: int, progress: bool, every: float = 10.0):
+        from tqdm import tqdm
+        self.store, self.every, self.last, self.finished = store, every, 0.0, {}
+        self.epochs = {id(c): store.checkpoint_epoch(c) for c in todo}   # resumed runs start where they were
+        self.bar = tqdm(total=sum(c.epochs for c in todo), initial=sum(self.epochs.values()), unit="epoch",
+                        desc=f"{len(todo)} run(s), {jobs} at a time", disable=not progress, dynamic_ncols=True)
+
+    def poll(self, running: list[Config], force: bool = False) -> None:
+        if self.bar.disable or not (force or time.time() - self.last >= self.every):
+            return
+        self.last = time.time()
+        for c in running:
+            self.epochs[id(c)] = max(self.epochs[id(c)], self.store.checkpoint_epoch(c))
+        self.bar.update(sum(self.epochs.values()) - self.bar.n)
+
+    def row_done(self, cfg: Config, line: str) -> None:
+        self.epochs[id(cfg)] = cfg.epochs   # (a diverged run stopped early: nothing left to train)
+        self.bar.write(line)
+        sys.stdout.flush()
+        self.poll([], force=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _drive(executor, pending, running, jobs, threads, store, todo, failed, bar: _EpochBar) -> None:
     done = 0
     while pending or running:
         while pending and len(running) < jobs:
             cfg = pending.pop(0)
             running[executor.submit(_train_job, cfg, str(store.root), threads)] = (cfg, time.time())
         time.sleep(0.5)
+        bar.poll([cfg for cfg, _ in running.values()])
         for job in [j for j in running if j.done()]:
             cfg, t0 = running.pop(job)
             done += 1
             try:
                 status, acc = job.result()
-                log(f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: {status}, test acc "
-                    f"{100 * acc:.2f}% ({(time.time() - t0) / 60:.1f} min)", flush=True)
+                bar.row_done(cfg, f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: {status}, test acc "
+                                  f"{100 * acc:.2f}% ({(time.time() - t0) / 60:.1f} min)")
             except Exception as e:   # the run's own error (the traceback's last "...Error: ..." line)
                 lines = str(e).strip().splitlines() or [repr(e)]
                 why = next((l.strip() for l in reversed(lines) if re.match(r"\s*[\w.]+(Error|Exception|Unavailable)\b", l)),
                            lines[-1].strip())
                 failed.append(f"{cfg.name or cfg.spec} seed {cfg.seed}: {why[:300]}")
-                log(f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: FAILED (log: {job.paths.stderr})",
-                    flush=True)
+                bar.row_done(cfg, f"[{done}/{len(todo)}] {cfg.name or cfg.spec} seed {cfg.seed}: FAILED "
+                                  f"(log: {job.paths.stderr})")
 
 
 def table_command(name: str, profile: str, seeds: int = 1, epochs: int | None = None,
@@ -600,7 +637,7 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
                               + table_command(name, profile, len(seed_list), epochs, dataset, precision)
                               + " (then commit results/)")
     if jobs > 1 or cluster not in ("local",):
-        run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition)
+        run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition, progress=progress)
     runs: dict[tuple[str, int], Run] = {}
     for cfg in todo:   # stored now (the jobs'), or trained here one after the other
         runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)

@@ -185,6 +185,17 @@ def test_a_corrupt_checkpoint_is_named_with_the_way_out(store, garbage):
         train(cfg, store, progress=False)
 
 
+def test_the_epochs_a_checkpoint_holds_are_read_without_loading_it(store):
+    """(the parallel runner's progress bar): 0 with no checkpoint, or a garbage one, never an error."""
+    cfg = Config(**{**DIGITS, "epochs": 3})
+    assert store.checkpoint_epoch(cfg) == 0
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, progress=False, on_epoch_end=_interrupt_at(2))
+    assert store.checkpoint_epoch(cfg) == 2 == store.load_checkpoint(cfg)["epoch"]
+    store.checkpoint_path(cfg).write_bytes(b"not a checkpoint")
+    assert store.checkpoint_epoch(cfg) == 0
+
+
 # 7 -- unwritable results, full disk: refused before any training -------------------------------
 def test_an_unwritable_results_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "file"

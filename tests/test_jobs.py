@@ -43,3 +43,15 @@ def test_a_failing_job_is_named(tmp_path, capsys):
     msg = str(err.value)
     assert msg.startswith("2 run(s) failed: ") and "DataUnavailable" in msg
     assert "DS0 seed 0: " in msg and "DSR1 seed 0: " in msg
+
+
+def test_jobs_show_a_bar_of_the_epochs_of_all_rows(tar10, tmp_path, capsys):
+    """the epochs the rows' checkpoints hold, summed (here 2 rows x 2 quick epochs), under the rows' lines;
+    each job's own epoch bar goes to its log."""
+    run_table("table1", "quick", 1, None, f"folder:{tar10}", "cpu", ResultStore(tmp_path / "r"), True,
+              ["DS0", "DSR1"], jobs=2, cluster="local")
+    out, err = capsys.readouterr()
+    assert out.count("] DS") == 2 and "[2/2]" in out
+    assert "2 run(s), 2 at a time" in err and "4/4" in err and "epoch" in err
+    logs = list((tmp_path / "_build" / "jobs").glob("*/*_log.err"))
+    assert len(logs) == 2 and all("2/2" in p.read_text() for p in logs)
