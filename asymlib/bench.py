@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -76,6 +77,15 @@ def plain_torch(model: nn.Module) -> nn.Module:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _cpu_flag(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10,
@@ -307,6 +317,10 @@ def main(argv=None) -> None:
         precisions = a.precisions or (["fp32", "bf16", "fp16"] if device == "cuda" else ["fp32", "bf16"])
         peaks = {p: matmul_peak(dev, PRECISIONS[p] or torch.float32) for p in precisions}
         print(f"\n{name}: matmul peak (2048^3) " + ", ".join(f"{p} {g:.0f} GFLOPS" for p, g in peaks.items()))
+        if device == "cpu" and peaks.get("bf16", math.inf) < peaks.get("fp32", 0):
+            print(f"  bf16 runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32 here: no AMX units in use "
+                  f"({'the CPU lists amx_bf16, not enabled here' if _cpu_flag('amx_bf16') else 'the CPU lists no amx_bf16'}); "
+                  f"bf16 autocast is the slower precision on this machine")
         for net in a.nets:
             for prec in precisions:
                 print(f"\n{net}, {prec}, on {name}")

@@ -152,7 +152,8 @@ TABLE2 = Table(
 # --- Table 3: Poggio's net (report §3), 100/200/300 epochs ------------------------------------------
 _PG = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
        "Avgpool3*3/2 - dense128{} - dense10{} - softmax - {}")
-#: Poggio's net on the CPU: bf16, channels-last (about 4x faster than fp32 NCHW at one thread), because
+#: Poggio's net on the CPU: bf16, channels-last (about 4x faster than fp32 NCHW at one thread on a CPU with
+#: AMX units, as this project's machines; without them bf16 is the slower one, and a run warns), because
 #: chapter 4's check finds bf16 within fp32's seed spread on Poggio's net
 _PG_CPU = {"cpu": {"precision": "bf16", "channels_last": True}}
 TABLE3 = Table(

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,7 +33,7 @@ from .profiles import CUSTOM, profile_names
 from .rules import canonical_rule, gradient_scale
 from .store import ResultStore, StoreError, code_fingerprint, environment
 
-__all__ = ["Config", "Run", "train", "resolve_device", "PROFILES", "PRECISIONS", "autocast", "DIVERGED_LOSS", "divergence",
+__all__ = ["Config", "Run", "train", "bf16_speedup", "resolve_device", "PROFILES", "PRECISIONS", "autocast", "DIVERGED_LOSS", "divergence",
            "MissingRuns", "stored_only"]
 
 
@@ -315,6 +317,36 @@ def _load_verified(cfg: Config, store: ResultStore) -> dict | None:
     return rec
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(n: int = 512, rounds: int = 9) -> float:
+    """How many times faster an n³ bf16 matrix product runs than an fp32 one on this CPU, at the current
+    thread count: the best of ``rounds`` of each, interleaved (so that a busy machine slows both alike),
+    measured once per process (about 0.1 s). About 4 where the CPU's AMX units run bf16 (this project's
+    machines measured 773 vs 179 GFLOPS at 2048³); about 0.5 where they are absent or not enabled (a VM
+    of the same CPU model measured 77 vs 152 GFLOPS at 512³, one thread): there bf16 is the slower one."""
+    pairs = {dtype: (torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, math.inf)
+    for _ in range(rounds + 1):   # the first round warms up (and is counted: a min only improves)
+        for dtype, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def _warn_if_bf16_is_slow(cfg: Config, device: torch.device) -> None:
+    """A bf16 run on a CPU whose bf16 products are slower than fp32's trains as asked, with a warning."""
+    if cfg.precision != "bf16" or device.type != "cpu":
+        return
+    speedup = bf16_speedup()
+    if speedup < 1:
+        warnings.warn(f"precision bf16 on this CPU: a bf16 matrix product runs at {speedup:.2f}x the speed of an "
+                      f"fp32 one here (no AMX units in use), so {cfg.name or 'this run'} trains slower in bf16 than "
+                      f"it would in fp32. It trains in bf16 as asked (the precision of its stored runs); "
+                      f"precision='fp32' (--precision fp32) is faster here, and is a separate run.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, force: bool = False,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> Run:
     """Train ``cfg`` (or load it from ``store`` when it was run before) and store the result.
@@ -338,6 +370,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device (autocast with a grad scaler); on the CPU use "
                          "precision 'bf16'")
+    _warn_if_bf16_is_slow(cfg, device)
     data = _data(cfg, device)
     torch.manual_seed(cfg.seed)
     model, loss_fn = build(cfg.spec, data.in_shape, data.num_classes, rules=cfg.rules or None,

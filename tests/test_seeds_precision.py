@@ -126,3 +126,28 @@ def test_a_profile_may_train_in_its_own_precision(monkeypatch):
     assert "--precision" not in table_command("table3", "full", 1, precision="fp32")
     # the layout is not in the key: the cpu profile's channels-last runs are the runs of its configs
     assert [c.key() for c in fp32] == [c.replace(channels_last=False).key() for c in fp32]
+
+
+@pytest.mark.parametrize("speedup, precision, warned", [(0.5, "bf16", True), (4.0, "bf16", False), (0.5, "fp32", False)])
+def test_bf16_on_a_cpu_where_it_is_slower_trains_with_a_warning(monkeypatch, tmp_path, speedup, precision, warned):
+    """(a CPU without AMX units runs bf16 products at about half fp32's speed): the run is still the one
+    asked for, in bf16, and says that fp32 would be faster."""
+    import warnings
+    import asymlib.training as training
+    monkeypatch.setattr(training, "bf16_speedup", lambda: speedup)
+    cfg = training.Config(spec="Input - dense16 - dense10", dataset="digits", epochs=1, batch_size=100,
+                          precision=precision, device="cpu", profile="quick", name="tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = training.train(cfg, ResultStore(tmp_path), progress=False)
+    slow = [w for w in caught if "bf16 matrix product runs at" in str(w.message)]
+    assert run.status == "completed" and run.config.precision == precision
+    assert len(slow) == warned
+    if warned:
+        assert "0.50x" in str(slow[0].message) and "--precision fp32" in str(slow[0].message)
+
+
+def test_the_bf16_speedup_is_measured():
+    from asymlib.training import bf16_speedup
+    s = bf16_speedup()
+    assert 0 < s < 100 and bf16_speedup() == s   # measured once per process
