@@ -213,7 +213,7 @@ def _clipping(name: str, title: str, table: Table, epochs: int, cpu_epochs: int)
                  + (r1, r2), epochs=epochs, cpu_epochs=cpu_epochs, profile_overrides=table.profile_overrides)
 
 
-CLIPPING = _clipping("clipping", "Clipping the asymmetric weight gradient (report §5)", TABLE1, 100, 20)
+CLIPPING = _clipping("clipping", "Clipping the asymmetric weight gradient (report §5)", TABLE1, 100, 100)
 
 # --- Report §3 under plain SGD: the backprop baseline and the two-random-layer rescues ------------
 #: The text's "SGD works with R in the last layer but fails with more random layers" and "max pooling
