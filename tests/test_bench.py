@@ -73,3 +73,12 @@ def test_pfa_is_credited_with_its_own_products():
     assert bench.step_flops(bp, x, rule_products=True) == bench.step_flops(bp, x)
     rows = {r["variant"]: r for r in bench.bench("ds0", ["bp", "pfa(2)"], batch=4, steps=1, warmup=0)}
     assert rows["bp"]["multiply_add_ratio"] == 1 and rows["pfa(2)"]["multiply_add_ratio"] > 1.5
+
+
+def test_bench_says_when_bf16_is_the_slower_precision(capsys, monkeypatch):
+    """(a CPU without AMX units in use): said under the peaks, with the ratio; nothing where bf16 is faster."""
+    for bf16_peak, said in [(50.0, True), (400.0, False)]:
+        monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype: 100.0 if dtype == bench.torch.float32 else bf16_peak)
+        bench.main(["--nets", "ds0", "--precisions", "fp32", "bf16", "--steps", "1", "--batch", "4", "--rules", "bp"])
+        out = capsys.readouterr().out
+        assert ("bf16 runs at 0.50x fp32 here: no AMX units in use" in out) == said
