@@ -40,6 +40,7 @@ from .builder import build
 from .malloc import allocator_in_use
 from .layers import Conv2d, Linear
 from .rules import ErrorTap
+from .store import cpu_description
 from .optim import make_optimizer
 
 _POGGIO = ("Input - Conv5*5*32/1 - Maxpool3*3/2 - Conv5*5*64/1 - Avgpool3*3/2 - Conv5*5*64/1 - "
@@ -77,15 +78,6 @@ def plain_torch(model: nn.Module) -> nn.Module:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _cpu_flag(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (False where there is no such file)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10,
@@ -311,6 +303,8 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc {allocator_in_use()}, batch {a.batch}, "
           f"median of {a.steps} "
           f"steps; ratios to plain torch (nn.Linear/nn.Conv2d) in the same run, the untied net's to the tied bp step")
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}, features {', '.join(cpu['features']) or 'unknown'}, torch kernels {cpu['torch_capability']}")
     for device in devices:
         dev = torch.device(device)
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -319,7 +313,7 @@ def main(argv=None) -> None:
         print(f"\n{name}: matmul peak (2048^3) " + ", ".join(f"{p} {g:.0f} GFLOPS" for p, g in peaks.items()))
         if device == "cpu" and peaks.get("bf16", math.inf) < peaks.get("fp32", 0):
             print(f"  bf16 runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32 here: no AMX units in use "
-                  f"({'the CPU lists amx_bf16, not enabled here' if _cpu_flag('amx_bf16') else 'the CPU lists no amx_bf16'}); "
+                  f"({'amx_bf16 listed, not in use' if 'amx_bf16' in cpu_description()['features'] else 'the CPU lists no amx_bf16'}); "
                   f"bf16 autocast is the slower precision on this machine")
         for net in a.nets:
             for prec in precisions:

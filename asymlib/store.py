@@ -113,6 +113,29 @@ def _read_git_sha() -> str:
 _GIT_SHA = _read_git_sha()
 
 
+#: the CPU features that decide which kernels run (and how fast bf16 is: AMX units or not)
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`_CPU_FEATURES` it lists (Linux's /proc/cpuinfo; empty
+    elsewhere), and torch's kernel level for it."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(),
+            "features": [f for f in _CPU_FEATURES if f in flags],
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What produced a number: code version, library versions, machine and device."""
     from . import __version__
@@ -123,7 +146,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"asymlib": __version__, "git_sha": git_sha(), "code": code_fingerprint(),
             "torch": torch.__version__, "python": platform.python_version(), "device": device.type,
             "device_name": dev_name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "malloc": allocator_in_use(),
+            "malloc": allocator_in_use(), "cpu": cpu_description(),
             "host": platform.node()}
 
 

@@ -9,6 +9,7 @@ def test_bench_prints_every_rule_with_its_ratios_and_fraction_of_peak(capsys):
                 "--rules", "bp", "fa", "kp"])
     out = capsys.readouterr().out
     assert re.search(r"matmul peak \(2048\^3\) fp32 \d+ GFLOPS", out)
+    assert re.search(r"^CPU: .+, features .+, torch kernels \w+$", out, re.M)
     for net, prec in [("ds0", "fp32"), ("untied", "fp32")]:
         assert f"{net}, {prec}, on cpu" in out
     lines = {l.split()[0]: l.split() for l in out.splitlines() if l and l.split()[0] in ("torch", "bp", "kp")}

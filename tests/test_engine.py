@@ -103,7 +103,8 @@ def test_training_learns_and_records_everything(tarball, store):
     assert h.test_acc.iloc[-1] > 0.9 and h.train_loss.iloc[-1] < h.train_loss.iloc[0]
     rec = store.load(run.config)
     assert rec["env"]["dataset"] == f"folder:{tarball}" and len(rec["env"]["dataset_fingerprint"]) == 16
-    assert {"git_sha", "torch", "device_name"} <= set(rec["env"])
+    assert {"git_sha", "torch", "device_name", "cpu"} <= set(rec["env"])
+    assert set(rec["env"]["cpu"]["features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
     assert set(h.alignment.iloc[0]) == {"1", "3"}
     assert {"angle_BW", "angle_delta", "sign_concordance", "norm_ratio"} <= set(h.alignment.iloc[0]["1"])
 
