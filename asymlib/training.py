@@ -342,8 +342,8 @@ def _warn_if_bf16_is_slow(cfg: Config, device: torch.device) -> None:
     if speedup < 1:
         warnings.warn(f"precision bf16 on this CPU: a bf16 matrix product runs at {speedup:.2f}x the speed of an "
                       f"fp32 one here (no AMX units in use), so {cfg.name or 'this run'} trains slower in bf16 than "
-                      f"it would in fp32. It trains in bf16 as asked (the precision of its stored runs); "
-                      f"precision='fp32' (--precision fp32) is faster here, and is a separate run.",
+                      f"it would in fp32. It trains in bf16 as asked; precision='fp32' (--precision fp32) is "
+                      f"faster here, and is a separate run (precision is part of a run's key).",
                       RuntimeWarning, stacklevel=3)
 
 
