@@ -313,7 +313,7 @@ def main(argv=None) -> None:
         print(f"\n{name}: matmul peak (2048^3) " + ", ".join(f"{p} {g:.0f} GFLOPS" for p, g in peaks.items()))
         if device == "cpu" and peaks.get("bf16", math.inf) < peaks.get("fp32", 0):
             print(f"  bf16 runs at {peaks['bf16'] / peaks['fp32']:.2f}x fp32 here: no AMX units in use "
-                  f"({'amx_bf16 listed, not in use' if 'amx_bf16' in cpu_description()['features'] else 'the CPU lists no amx_bf16'}); "
+                  f"({'amx_bf16 listed, not in use' if 'amx_bf16' in cpu['features'] else 'the CPU lists no amx_bf16'}); "
                   f"bf16 autocast is the slower precision on this machine")
         for net in a.nets:
             for prec in precisions:

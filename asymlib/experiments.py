@@ -536,7 +536,7 @@ class _EpochBar:
 
     def __init__(self, todo: list[Config], store: ResultStore, jobs: int, progress: bool, every: float = 10.0):
         from tqdm import tqdm
-        self.store, self.every, self.last, self.finished = store, every, 0.0, {}
+        self.store, self.every, self.last = store, every, 0.0
         self.epochs = {id(c): store.checkpoint_epoch(c) for c in todo}   # resumed runs start where they were
         self.bar = tqdm(total=sum(c.epochs for c in todo), initial=sum(self.epochs.values()), unit="epoch",
                         desc=f"{len(todo)} run(s), {jobs} at a time", disable=not progress, dynamic_ncols=True)
