@@ -47,14 +47,43 @@ def test_every_rule_under_bf16_autocast_matches_its_fp32_formula(kind, rule):
     layer, x = make(kind, rule)
     twin = copy.deepcopy(layer)
     G = torch.randn_like(layer(x))
-    ref = grads(layer, x, G, bf16=False)
     got = grads(twin, x, G, bf16=True)
+    if rule == "brsf":   # a 16-bit backward draws M on its own grid: the formula with the M it drew
+        layer.feedback_magnitude.copy_(twin.feedback_magnitude)
+        layer.rule.on_forward = lambda layer: None
+        layer._magnitude_stale = False
+    ref = grads(layer, x, G, bf16=False)
     gx, gW, gb, learned = got
     assert gx.dtype == gW.dtype == gb.dtype == torch.float32           # master gradients stay fp32
     assert all(g.dtype == torch.float32 for g in learned)              # a learned B stays fp32
     assert rel(gx, ref[0]) < 2e-2 and rel(gW, ref[1]) < 2e-2 and rel(gb, ref[2]) < 2e-2, rule
     for a, b in zip(learned, ref[3]):
         assert rel(a, b) < 2e-2
+
+
+def test_brsf_draws_16_bit_magnitudes_under_autocast_and_fp32_ones_without():
+    from asymlib.rules import _uniform16_, glorot_std
+    torch.manual_seed(0)
+    t = _uniform16_(torch.empty(200_000), 0.5)
+    k = t / (0.5 / 2**15) - 0.5                                       # the grid's integers
+    assert torch.equal(k, k.round()) and k.min() >= -2**15 and k.max() <= 2**15 - 1
+    assert abs(t.mean()) < 5e-3 and abs(t.abs().mean() - 0.25) < 5e-3 and abs((t < 0).float().mean() - 0.5) < 5e-3
+    assert abs((k.view(-1, 4) < 0).float().mean(0) - 0.5).max() < 1e-2, "each of a draw's four words is signed"
+
+    layer, x = make("linear", "brsf")
+    a = (3 ** 0.5) * glorot_std(layer.weight.shape, layer.fans())
+    for bf16 in (True, False):
+        torch.manual_seed(3)
+        _, _, _, _ = grads(layer, x, torch.randn(32, 16), bf16=bf16)
+        M = layer.feedback_magnitude
+        k = M.double() / (a / 2**15) - 0.5
+        on_grid = bool(((k - k.round()).abs() < 1e-2).all())      # fp32 holds k to ~2^-9
+        assert on_grid == bf16 and M.abs().max() <= a
+        assert torch.equal(torch.sign(layer.B), torch.sign(layer.weight)), "sign-concordant either way"
+    torch.manual_seed(3)
+    twin, _ = make("linear", "brsf")
+    grads(twin, x, torch.randn(32, 16), bf16=False)
+    assert torch.equal(twin.feedback_magnitude, layer.feedback_magnitude), "fp32 draws as before"
 
 
 def test_dfa_under_bf16_autocast_matches_fp32():
