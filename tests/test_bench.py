@@ -17,6 +17,7 @@ def test_bench_prints_every_rule_with_its_ratios_and_fraction_of_peak(capsys):
     assert float(lines["bp"][3]) == 1.0           # the rule's step over bp's
     assert lines["kp"][-1].endswith("%")          # fraction of the precision's peak
     assert "tied bp/ch-last" in out and "bp/ch-last" in out   # the conv nets in channels-last too
+    assert "opt ms" in out and float(lines["kp"][7]) > 0       # the optimizer step's own time (kp's also updates B)
 
 
 def test_each_variant_is_credited_with_its_own_flops():
