@@ -52,7 +52,7 @@ __all__ = [
     "FeedbackRule", "Backprop", "FeedbackAlignment", "UpdatedFeedback", "KolenPollack",
     "UniformSignFeedback", "BatchRandomSignFeedback", "FixedRandomSignFeedback",
     "PartialSignFeedback", "DirectFeedback", "ProductFeedback", "get_rule", "parse_rule", "canonical_rule", "resolve_rules", "RulePlan", "is_direct", "RULES",
-    "glorot_uniform_", "glorot_std", "gradient_scale",
+    "glorot_uniform_", "glorot_std", "glorot_bound", "gradient_scale",
 ]
 
 
@@ -96,9 +96,14 @@ def glorot_std(shape: torch.Size, fans: tuple[int, int] | None = None) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
+def glorot_bound(shape: torch.Size, fans: tuple[int, int] | None = None) -> float:
+    r"""Half-width of Glorot's uniform init, :math:`a = \sqrt{3}\,\sigma = \sqrt{6/(n_{in}+n_{out})}`."""
+    return math.sqrt(3.0) * glorot_std(shape, fans)
+
+
 def glorot_uniform_(t: Tensor, fans: tuple[int, int] | None = None) -> Tensor:
     r"""Fill ``t`` from :math:`U(-a, a)`, :math:`a = \sqrt{6/(n_{in}+n_{out})}` (Lasagne's GlorotUniform)."""
-    a = math.sqrt(3.0) * glorot_std(t.shape, fans)
+    a = glorot_bound(t.shape, fans)
     with torch.no_grad():
         return t.uniform_(-a, a)
 
@@ -293,19 +298,22 @@ class BatchRandomSignFeedback(FixedRandomSignFeedback):
     def on_forward(self, layer):
         layer._magnitude_stale = True     # a new batch: M is redrawn when B is next used
 
-    def feedback(self, layer):
+    def _redraw_if_stale(self, layer, bits: int = 32) -> None:
+        # no abs_: copysign in feedback keeps |M| with W's sign. A 16-bit backward rounds B to 8 (bf16) or
+        # 11 (fp16) significant bits: M drawn on a 2^16 grid loses nothing there, for a quarter of the draws
         if layer._magnitude_stale:
-            # no abs_: copysign below keeps |M| with W's sign
-            glorot_uniform_(layer.feedback_magnitude, layer.fans())
+            if bits < 32:
+                _uniform16_(layer.feedback_magnitude, glorot_bound(layer.weight.shape, layer.fans()))
+            else:
+                glorot_uniform_(layer.feedback_magnitude, layer.fans())
             layer._magnitude_stale = False
+
+    def feedback(self, layer):
+        self._redraw_if_stale(layer)
         return super().feedback(layer)
 
     def feedback_as(self, layer, dtype):
-        # a 16-bit backward rounds B to 8 (bf16) or 11 (fp16) significant bits: M drawn on a 2^16 grid
-        # loses nothing there and takes a quarter of the draws (fp32 draws as before)
-        if layer._magnitude_stale and torch.finfo(dtype).bits < 32:
-            _uniform16_(layer.feedback_magnitude, math.sqrt(3.0) * glorot_std(layer.weight.shape, layer.fans()))
-            layer._magnitude_stale = False
+        self._redraw_if_stale(layer, torch.finfo(dtype).bits)
         return self.feedback(layer).to(dtype)
 
 
