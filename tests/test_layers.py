@@ -1,4 +1,6 @@
 """Every rule on every layer type against the formulas computed by hand."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,9 +325,42 @@ def test_untied_fold_of_16_bit_patches_sums_in_fp32(dtype, stride):
     lc = asymlib.LocallyConnected2d(6, 4, 5, (11, 11), stride, 2, rule="bp")
     L = lc.output_size[0] * lc.output_size[1]
     dP = torch.randn(L, 7, 25 * 6).to(dtype)
-    got = lc._fold(dP, (7, 6, 11, 11))
+    shape = (7, 6, 11, 11)
+
+    def fold(dP):
+        acc = lc._accumulator(shape, dP)
+        lc._fold(dP, acc, (0, lc.output_size[0], 0, lc.output_size[1]))
+        return lc._unpad(acc, shape, dP.dtype)
+    got = fold(dP)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, lc._fold(dP.float(), (7, 6, 11, 11)).to(dtype))
+    assert torch.equal(got, fold(dP.float()).to(dtype))
+
+
+@pytest.mark.parametrize("rows,bands", [(0.5, 8), (1, 4), (3, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_untied_bands_give_the_whole_layer_products(rows, bands, dtype):
+    """The untied layer runs its products and its fold one band of output rows at a time; the band
+    size (pieces of a row with a shorter last piece, one row, a few rows with a shorter last band, the
+    whole layer) changes no value beyond the order of the fold's fp32 sums."""
+    torch.manual_seed(0)
+    ref = asymlib.LocallyConnected2d(5, 4, 3, (7, 6), (2, 1), 1, rule="fa").to(dtype)
+    lc = copy.deepcopy(ref)
+    row_bytes = ref.output_size[1] * 3 * ref.weight.shape[2] * ref.weight.element_size()  # a row's patches
+    lc.band_bytes = {"cpu": int(rows * row_bytes), "default": int(rows * row_bytes)}
+    ref.band_bytes = {"cpu": 1 << 40, "default": 1 << 40}
+    assert len(lc._bands(3, ref.weight)) == bands and len(ref._bands(3, ref.weight)) == 1
+    x = torch.randn(3, 5, 7, 6, dtype=dtype)
+    G = torch.randn(3, 4, *ref.output_size, dtype=dtype)
+    grads = []
+    for m in (ref, lc):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(G)
+        grads.append((out.detach(), xi.grad, m.weight.grad))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][2], grads[1][2])
 
 
 @pytest.mark.parametrize("rule", ["usf", "frsf", "brsf", "psf(0.25)"])
