@@ -510,6 +510,7 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
     todo = [c for c in configs if store.load(c) is None]
     if not todo:
         return
+    _cancellable_jobs()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     folder = Path(folder) if folder is not None else store.root.parent / "_build" / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
@@ -528,6 +529,18 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
         bar.close()
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: " + "; ".join(failed))
+
+
+def _cancellable_jobs() -> None:
+    """Let the local jobs be stopped. A command a shell starts in the background (``nohup ... &``)
+    ignores SIGINT, and every process it starts inherits that through exec: its jobs would then ignore
+    the SIGINT with which a local job is cancelled, and run on after the runner is stopped. A SIGINT
+    that is handled (not ignored) is reset to the default in the jobs, so the runner handles it."""
+    import signal
+    import threading
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _EpochBar:

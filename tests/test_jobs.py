@@ -1,6 +1,12 @@
 """The table runner on several processes (submitit's local executor here; Slurm on a cluster): the
 same stored results as a serial run, one line per finished row, and a failing row named."""
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -60,3 +66,49 @@ def test_jobs_show_a_bar_of_the_epochs_of_all_rows(tar10, tmp_path, capsys):
     # 0.1 s and clears a finished bar (leave=False), so a last epoch faster than that leaves no 2/2 line
     bars = [re.findall(r"(DS0|DSR1): +\d+%\|.*?\| \d/2 \[", p.read_text()) for p in logs]
     assert len(logs) == 2 and all(bars) and {b[0] for b in bars} == {"DS0", "DSR1"}
+
+
+def test_stopping_the_runner_stops_its_jobs_even_when_started_in_the_background(tar10, tmp_path):
+    """`nohup python -m asymlib table ... --jobs 2 &` starts the runner with SIGINT ignored, which its
+    jobs inherit; cancelling a local job is a SIGINT. Stopping the runner (SIGTERM, as `kill` does) must
+    still stop every job, each resumable from its checkpoint, and leave none running."""
+    script = (  # the runner as the command line runs it: `kill` (SIGTERM) ends it like Ctrl-C
+        "import signal, sys\n"
+        "from asymlib.cli import _interrupt\n"
+        "from asymlib.experiments import run_table\n"
+        "from asymlib.store import ResultStore\n"
+        "signal.signal(signal.SIGTERM, _interrupt)\n"
+        "try:\n"
+        f"    run_table('table1', 'quick', 1, 500, 'folder:{tar10}', 'cpu', ResultStore({str(tmp_path / 'r')!r}),\n"
+        "              False, ['DS0', 'DSR1'], jobs=2, cluster='local')\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    jobs = tmp_path / "_build" / "jobs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len([p for p in jobs.glob("*/*_log.err") if p.stat().st_size]) < 2:
+        time.sleep(0.5)   # both jobs started training
+    pids = [int(d.name) for d in jobs.iterdir() if d.name.isdigit()]
+    assert len(pids) == 2, list(jobs.iterdir())
+    runner.send_signal(signal.SIGTERM)
+    out = runner.communicate(timeout=60)[0].decode()
+    assert runner.returncode == 130, out
+    deadline = time.time() + 30
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in pids if _running(p)]
+    for pid in alive:   # (a failed check leaves no job training on: the controller and its task)
+        subprocess.run(["pkill", "-KILL", "-P", str(pid)])
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"jobs still running after the runner stopped: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))   # a zombie has exited
