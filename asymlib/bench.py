@@ -333,6 +333,11 @@ def main(argv=None) -> None:
                     if r["optimizer_ms"] > 1.5 * bp_opt and r["variant"] != "bp":
                         print(f"  {r['variant']}: its optimizer step {r['optimizer_ms']:.1f} ms against bp's {bp_opt:.1f}: "
                               f"{(r['optimizer_ms'] - bp_opt) / bp:.1%} of bp's step for updating B alone")
+                if net == "untied":   # issue 14's item 4: the untied step against each layout of the tied one
+                    tied = [r for r in rows if r["variant"].startswith("tied")]
+                    for u in (r for r in rows if r["variant"] in ("bp", "bp/ch-last")):
+                        print(f"  untied {u['variant']} ÷ " + ", ".join(
+                            f"{t['variant']} {u['step_ms'] / t['step_ms']:.2f}x" for t in tied))
                 for r in rows:   # rules with products of their own (pfa): their multiply-adds against bp's
                     if r["multiply_add_ratio"] != 1:
                         print(f"  {r['variant']}: {r['multiply_add_ratio']:.2f}x bp's multiply-adds, "

@@ -18,6 +18,12 @@ def test_bench_prints_every_rule_with_its_ratios_and_fraction_of_peak(capsys):
     assert lines["kp"][-1].endswith("%")          # fraction of the precision's peak
     assert "tied bp/ch-last" in out and "bp/ch-last" in out   # the conv nets in channels-last too
     assert "opt ms" in out and float(lines["kp"][7]) > 0       # the optimizer step's own time (kp's also updates B)
+    # the untied step over each layout of the tied one (issue 14's item 4), both untied layouts
+    ratios = re.findall(r"^  untied (bp|bp/ch-last) ÷ (.+)$", out, re.M)
+    assert [u for u, _ in ratios] == ["bp", "bp/ch-last"]
+    for _, line in ratios:
+        assert re.fullmatch(r"tied bp \d+\.\d\dx, tied bp/same pad \d+\.\d\dx, tied bp/ch-last \d+\.\d\dx, "
+                            r"tied bp/same pad/ch-last \d+\.\d\dx", line), line
 
 
 def test_each_variant_is_credited_with_its_own_flops():
