@@ -411,10 +411,13 @@ class LocallyConnected2d(FeedbackLayer):
     # are summed into an fp32 accumulator before the next band. Whole-layer patches are the step's
     # largest tensors (L*N*c values: 410 MB for the untied Poggio net's second layer at batch 500, in
     # fp32); a band's stay in the CPU's cache, and the backward copies them again from the input instead
-    # of keeping them from the forward (measured, fp32 and bf16, 1 thread: the untied Poggio net's
-    # layers 10-50% faster than whole-layer patches; see ``band_bytes``). G is copied into each band
-    # in position-major order: the products read a strided G (a channels-last G puts a kernel's rows
-    # far apart) 1.7-2.5x slower.
+    # of keeping them from the forward. Measured on the untied Poggio net (bp, batch 500, 2 threads,
+    # median step of 3 interleaved rounds against whole-layer patches, on a VM whose step times vary by
+    # up to 40% from one run to the next): fp32 917 -> 781 ms, bf16 656 -> 541 ms; peak memory of a
+    # step 2.7 -> 1.5 GB (fp32), 2.0 -> 1.45 GB (bf16); the band size (4-64 MB) moved nothing beyond the
+    # noise, so ``band_bytes`` takes the least memory. G is copied into each band in position-major
+    # order: the products read a strided G (a channels-last G puts a kernel's rows far apart) 1.7-2.5x
+    # slower.
     #
     # The buffers of a band live on the layer between steps (a fresh allocation costs the OS's page
     # mapping and zero-fill every time), each filled and consumed within one call (never handed out).
@@ -554,8 +557,13 @@ class LocallyConnected2d(FeedbackLayer):
             if gW is not None:
                 torch.bmm(Gl.transpose(1, 2), self._patches(xh, band, size), out=gW[l0:l1])
             if acc is not None:
-                dP = self._band_buffer("dpatches", band, size, (n, Bh.shape[1]), G).view(-1, n, Bh.shape[1])
-                self._fold(torch.bmm(Gl, Bh[l0:l1].transpose(1, 2), out=dP), acc, band)
+                c = Bh.shape[1]
+                dP = torch.bmm(Gl, Bh[l0:l1].transpose(1, 2),
+                               out=self._band_buffer("dpatches", band, size, (n, c), G).view(-1, n, c))
+                if dP.dtype != acc.dtype:   # 16-bit: one cast into a kept fp32 buffer, then fp32 adds (torch's
+                    # mixed-dtype add is its slower path: measured 6.7 -> 1.9 + 2.3 ms a band, bf16, 1 thread)
+                    dP = self._band_buffer("dpatches32", band, size, (n, c), acc).view(-1, n, c).copy_(dP)
+                self._fold(dP, acc, band)
         return (None if acc is None else self._unpad(acc, x_shape, G.dtype),
                 None if gW is None else self._from_hwc(gW))
 
