@@ -560,8 +560,9 @@ class LocallyConnected2d(FeedbackLayer):
                 c = Bh.shape[1]
                 dP = torch.bmm(Gl, Bh[l0:l1].transpose(1, 2),
                                out=self._band_buffer("dpatches", band, size, (n, c), G).view(-1, n, c))
-                if dP.dtype != acc.dtype:   # 16-bit: one cast into a kept fp32 buffer, then fp32 adds (torch's
-                    # mixed-dtype add is its slower path: measured 6.7 -> 1.9 + 2.3 ms a band, bf16, 1 thread)
+                if dP.dtype != acc.dtype and dP.device.type == "cpu":   # 16-bit: one cast into a kept fp32
+                    # buffer, then fp32 adds (the CPU's mixed-dtype add is its slower path: measured 6.7 -> 1.9
+                    # + 2.3 ms a band, bf16, 1 thread; a GPU's casts inside the add, with no buffer)
                     dP = self._band_buffer("dpatches32", band, size, (n, c), acc).view(-1, n, c).copy_(dP)
                 self._fold(dP, acc, band)
         return (None if acc is None else self._unpad(acc, x_shape, G.dtype),
