@@ -404,7 +404,8 @@ class LocallyConnected2d(FeedbackLayer):
         """``unfold(x)``, ``N x c x L`` (the reference the fast path is tested against)."""
         return F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
 
-    # The fast path works on one band of output rows at a time. For a band, the patches are copied from
+    # The fast path works on one band of output positions at a time (whole rows, or pieces of one row:
+    # ``_bands``). For a band, the patches are copied from
     # the channels-last padded input (each copied run is kw * C_in contiguous values, in the order
     # (kh, kw, C_in); W and B are permuted to match, ``_to_hwc``), each position's product is one matrix
     # product of a batched matmul on contiguous operands, and the input gradient's overlapping patches
