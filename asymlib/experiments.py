@@ -573,12 +573,33 @@ class _EpochBar:
         self.bar.close()
 
 
+def _submit(executor, fn, *args):
+    """``executor.submit(fn, *args)``; a local job's controller process writes its stderr to
+    ``controller.log`` in the jobs' folder instead of the runner's terminal. The controller shares the
+    terminal's Ctrl-C with the runner and prints a KeyboardInterrupt traceback from inside submitit when
+    stopped, which says nothing the runner's own line does not ("interrupted: ... resume")."""
+    if getattr(executor, "cluster", None) != "local":
+        return executor.submit(fn, *args)
+    folder = Path(executor.folder)
+    folder = folder.parent if "%j" in folder.name else folder       # the jobs' folder, not one job's
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(folder / "controller.log", "ab") as log:
+            os.dup2(log.fileno(), 2)          # inherited by the controller submit starts
+            return executor.submit(fn, *args)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _drive(executor, pending, running, jobs, threads, store, todo, failed, bar: _EpochBar) -> None:
     done = 0
     while pending or running:
         while pending and len(running) < jobs:
             cfg = pending.pop(0)
-            running[executor.submit(_train_job, cfg, str(store.root), threads)] = (cfg, time.time())
+            running[_submit(executor, _train_job, cfg, str(store.root), threads)] = (cfg, time.time())
         time.sleep(0.5)
         bar.poll([cfg for cfg, _ in running.values()])
         for job in [j for j in running if j.done()]:
