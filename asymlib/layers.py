@@ -392,7 +392,7 @@ class LocallyConnected2d(FeedbackLayer):
         L = self.output_size[0] * self.output_size[1]
         c = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = nn.Parameter(torch.empty(out_channels, L, c))
-        self._patch_cache = None   # the last training forward's padded input (and W in patch order), for its backward
+        self._forward_cache = None   # the last training forward's padded input (and W in patch order), for its backward
         self._scratch = {}         # reused buffers for the patches and their gradient (see _workspace)
         self._finish_init(rule, (out_channels, *self.output_size) if bias else None, init, **rule_kwargs)
 
@@ -493,7 +493,7 @@ class LocallyConnected2d(FeedbackLayer):
         xh, Wh = self._padded(x), self._to_hwc(W)
         # training: keep the padded input (the backward copies its patches again from it, band by band),
         # and W in the patches' order for backprop's input gradient (B = W): what autograd would save
-        self._patch_cache = (self._tensor_id(x), xh, self._tensor_id(W), W, Wh) if self.training else None
+        self._forward_cache = (self._tensor_id(x), xh, self._tensor_id(W), W, Wh) if self.training else None
         n, o = x.shape[0], self.out_channels
         bands, size = self._bands_and_size(n, xh)
         out = torch.empty(n, *self.output_size, o, dtype=xh.dtype, device=xh.device)   # channels-last
@@ -594,7 +594,7 @@ class LocallyConnected2d(FeedbackLayer):
     def _take_cache(self, x: Tensor, B: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(padded input, B in the patches' order) saved by the forward of ``x``, each None when not
         saved (another input, or B is not the forward's W); the cache is emptied."""
-        cache, self._patch_cache = getattr(self, "_patch_cache", None), None
+        cache, self._forward_cache = getattr(self, "_forward_cache", None), None
         if cache is None or cache[0] != self._tensor_id(x):
             return None, None
         return cache[1], (cache[4] if B is not None and self._tensor_id(B) == cache[2] else None)
