@@ -7,7 +7,9 @@ First the machine's matmul peak per precision (a 2048^3 product). Then for each 
 precision, a plain torch model (``nn.Linear``/``nn.Conv2d``, same sizes, no biases) and one asymlib
 model per rule are timed step by step in interleaved rounds (so drifts in machine load hit all alike):
 the median step time (forward + backward + Adam step), its ratio to plain torch and to asymlib's ``bp``
-(a rule's overhead), the achieved GFLOPS (backprop's FLOPs in the weight layers, :func:`step_flops`:
+(a rule's overhead; each ratio the median of the ratios of steps timed in the same round, and for
+``÷ bp`` its 95% confidence interval, :func:`paired_ratio`: on a machine whose speed drifts, a ratio
+whose interval spans 1.05 says neither over nor under it), the achieved GFLOPS (backprop's FLOPs in the weight layers, :func:`step_flops`:
 forward, weight gradient and input gradient, the first layer's input gradient excluded) and that as a
 fraction of the precision's peak. The conv nets' bp is timed a second time in channels-last memory
 (``/ch-last``). The untied net (no torch twin) is compared with the tied net's ``bp`` step at the same
@@ -140,6 +142,20 @@ def time_step(model, loss_fn, opt, x, y, device, dtype=None) -> tuple[float, flo
     return t3 - t0, t2 - t1, t3 - t2
 
 
+def paired_ratio(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """The median of the step-by-step ratios ``times[i] / base[i]`` (both timed in the same interleaved
+    round, so a drift in the machine's load hits both) and its 95% confidence interval: the j-th smallest
+    and the j-th largest ratio, j the largest rank with P(Binomial(n, 1/2) < j) <= 2.5% (distribution-free:
+    the true median lies between them with at least 95% probability whatever the ratios' distribution;
+    about n/2 -+ sqrt(n)). (median, low, high)."""
+    r = sorted(t / b for t, b in zip(times, base))
+    n, j, below = len(r), 1, 1                     # below = C(n, 0) + ... + C(n, j-1)
+    while 40 * (below + math.comb(n, j)) <= 2 ** n:
+        below += math.comb(n, j)
+        j += 1
+    return statistics.median(r), r[j - 1], r[n - j]
+
+
 def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup: int = 3,
           device: str = "cpu", seed: int = 0, precision: str = "fp32") -> list[dict]:
     dev, dtype = torch.device(device), PRECISIONS[precision]
@@ -177,14 +193,16 @@ def bench(net: str, rules=BENCH_RULES, batch: int = 500, steps: int = 20, warmup
             if i >= warmup:
                 times[k].append(t)
     ref = next(iter(variants))
-    base_step = statistics.median(t[0] for t in times[ref])
-    base_bwd = statistics.median(t[1] for t in times[ref])
+    column = lambda k, i: [t[i] for t in times[k]]
     rows = []
     for k, ts in times.items():
         step, bwd, upd = (statistics.median(t[i] for t in ts) for i in range(3))
+        # ratios of steps timed in the same round (paired), not of medians: the machine's drift cancels
         rows.append(dict(net=net, precision=precision, variant=k, step_ms=1e3 * step, backward_ms=1e3 * bwd,
-                         optimizer_ms=1e3 * upd,
-                         step_ratio=step / base_step, backward_ratio=bwd / base_bwd, reference=ref,
+                         optimizer_ms=1e3 * upd, step_s=column(k, 0),
+                         step_ratio=paired_ratio(column(k, 0), column(ref, 0))[0],
+                         backward_ratio=paired_ratio(column(k, 1), column(ref, 1))[0], reference=ref,
+                         bp_ratio=paired_ratio(column(k, 0), column("bp", 0)) if "bp" in times else None,
                          gflops=flops[k] / step / 1e9, multiply_add_ratio=own[k] / flops[k]))
     return rows
 
@@ -304,7 +322,8 @@ def main(argv=None) -> None:
     rules = a.rules if "bp" in a.rules else ["bp", *a.rules]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc {allocator_in_use()}, batch {a.batch}, "
           f"median of {a.steps} "
-          f"steps; ratios to plain torch (nn.Linear/nn.Conv2d) in the same run, the untied net's to the tied bp step")
+          f"steps; ratios to plain torch (nn.Linear/nn.Conv2d) in the same run, the untied net's to the tied bp step: "
+          f"medians of the ratios of steps timed in the same round, with the 95% confidence interval of ÷ bp")
     cpu = cpu_description()
     print(f"CPU: {cpu['model']}, features {', '.join(cpu['features']) or 'unknown'}, torch kernels {cpu['torch_capability']}")
     for device in devices:
@@ -320,12 +339,14 @@ def main(argv=None) -> None:
         for net in a.nets:
             for prec in precisions:
                 print(f"\n{net}, {prec}, on {name}")
-                print(f"{'variant':<26}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'bwd ms':>10}{'ratio':>8}{'opt ms':>8}"
-                      f"{'GFLOPS':>9}{'of peak':>9}")
+                print(f"{'variant':<26}{'step ms':>10}{'ratio':>8}{'÷ bp':>8}{'95% CI':>14}{'bwd ms':>10}{'ratio':>8}"
+                      f"{'opt ms':>8}{'GFLOPS':>9}{'of peak':>9}")
                 rows = bench(net, rules, a.batch, a.steps, device=device, precision=prec)
                 bp = next(r["step_ms"] for r in rows if r["variant"] == "bp")
                 for r in rows:
-                    print(f"{r['variant']:<26}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['step_ms'] / bp:>8.3f}"
+                    ratio, lo, hi = r["bp_ratio"]
+                    print(f"{r['variant']:<26}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{ratio:>8.3f}"
+                          f"{f'{lo:.3f}-{hi:.3f}':>14}"
                           f"{r['backward_ms']:>10.1f}{r['backward_ratio']:>8.3f}{r['optimizer_ms']:>8.1f}{r['gflops']:>9.1f}"
                           f"{r['gflops'] / peaks[prec]:>9.1%}")
                 bp_opt = next(r["optimizer_ms"] for r in rows if r["variant"] == "bp")
@@ -337,11 +358,11 @@ def main(argv=None) -> None:
                     tied = [r for r in rows if r["variant"].startswith("tied")]
                     for u in (r for r in rows if r["variant"] in ("bp", "bp/ch-last")):
                         print(f"  untied {u['variant']} ÷ " + ", ".join(
-                            f"{t['variant']} {u['step_ms'] / t['step_ms']:.2f}x" for t in tied))
+                            f"{t['variant']} {paired_ratio(u['step_s'], t['step_s'])[0]:.2f}x" for t in tied))
                 for r in rows:   # rules with products of their own (pfa): their multiply-adds against bp's
                     if r["multiply_add_ratio"] != 1:
                         print(f"  {r['variant']}: {r['multiply_add_ratio']:.2f}x bp's multiply-adds, "
-                              f"step {r['step_ms'] / bp:.2f}x bp's")
+                              f"step {r['bp_ratio'][0]:.2f}x bp's")
 
 
 if __name__ == "__main__":

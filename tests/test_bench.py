@@ -14,16 +14,33 @@ def test_bench_prints_every_rule_with_its_ratios_and_fraction_of_peak(capsys):
         assert f"{net}, {prec}, on cpu" in out
     lines = {l.split()[0]: l.split() for l in out.splitlines() if l and l.split()[0] in ("torch", "bp", "kp")}
     assert set(lines) == {"torch", "bp", "kp"}
-    assert float(lines["bp"][3]) == 1.0           # the rule's step over bp's
+    assert float(lines["bp"][3]) == 1.0 and lines["bp"][4] == "1.000-1.000"   # the rule's step over bp's, its CI
+    lo, hi = map(float, lines["kp"][4].split("-"))
+    assert lo <= float(lines["kp"][3]) <= hi
     assert lines["kp"][-1].endswith("%")          # fraction of the precision's peak
     assert "tied bp/ch-last" in out and "bp/ch-last" in out   # the conv nets in channels-last too
-    assert "opt ms" in out and float(lines["kp"][7]) > 0       # the optimizer step's own time (kp's also updates B)
+    assert "opt ms" in out and float(lines["kp"][8]) > 0       # the optimizer step's own time (kp's also updates B)
     # the untied step over each layout of the tied one (issue 14's item 4), both untied layouts
     ratios = re.findall(r"^  untied (bp|bp/ch-last) ÷ (.+)$", out, re.M)
     assert [u for u, _ in ratios] == ["bp", "bp/ch-last"]
     for _, line in ratios:
         assert re.fullmatch(r"tied bp \d+\.\d\dx, tied bp/same pad \d+\.\d\dx, tied bp/ch-last \d+\.\d\dx, "
                             r"tied bp/same pad/ch-last \d+\.\d\dx", line), line
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios_with_an_order_statistic_interval():
+    """A drift that slows both variants of a round alike cancels in the paired ratios (the ratio of
+    medians would not see through it), and the interval holds the median between two order statistics."""
+    import random
+    random.seed(0)
+    load = [1 + 2 * (i % 5) for i in range(40)]                      # the machine 1x..9x slower by turns
+    base = [0.010 * l * random.uniform(0.99, 1.01) for l in load]
+    rule = [0.012 * l * random.uniform(0.99, 1.01) for l in load]     # truly 1.2x
+    med, lo, hi = bench.paired_ratio(rule, base)
+    assert 1.19 < lo <= med <= hi < 1.21
+    r = sorted(t / b for t, b in zip(rule, base))
+    assert (lo, hi) == (r[13], r[26])            # n = 40: ranks 20 -+ 1.96 sqrt(40)/2 = 14 and 27 (1-based)
+    assert bench.paired_ratio([2.0], [1.0]) == (2.0, 2.0, 2.0)
 
 
 def test_each_variant_is_credited_with_its_own_flops():
