@@ -147,7 +147,8 @@ def paired_ratio(times: list[float], base: list[float]) -> tuple[float, float, f
     round, so a drift in the machine's load hits both) and its 95% confidence interval: the j-th smallest
     and the j-th largest ratio, j the largest rank with P(Binomial(n, 1/2) < j) <= 2.5% (distribution-free:
     the true median lies between them with at least 95% probability whatever the ratios' distribution;
-    about n/2 -+ sqrt(n)). (median, low, high)."""
+    about n/2 -+ sqrt(n); with 5 steps or fewer no pair reaches 95%, and the whole range is given).
+    (median, low, high)."""
     r = sorted(t / b for t, b in zip(times, base))
     n, j, below = len(r), 1, 1                     # below = C(n, 0) + ... + C(n, j-1)
     while 40 * (below + math.comb(n, j)) <= 2 ** n:
