@@ -173,6 +173,21 @@ def chapters(root: Path = REPO_ROOT) -> list[Path]:
     return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
+def resolve_chapters(names: list[str], root: Path = REPO_ROOT) -> list[str]:
+    """The chapter stems ``names`` mean: each a stem (``04_poggio_net``) or the start of exactly one
+    (``04``, ``04_poggio``); anything else is an error that lists the chapters."""
+    stems = [nb.stem for nb in chapters(root)]
+    out = []
+    for name in names:
+        hits = [s for s in stems if s == name] or [s for s in stems if s.startswith(name)]
+        if len(hits) != 1:
+            why = "matches no chapter" if not hits else f"matches {len(hits)} chapters ({', '.join(hits)})"
+            raise ValueError(f"--only {name!r} {why}; give a chapter's file stem or its number: "
+                             + ", ".join(stems))
+        out.append(hits[0])
+    return out
+
+
 def repository_url(config: Path = REPO_ROOT / "_config.yml") -> str:
     """``repository: url:`` of the book's ``_config.yml``."""
     m = re.search(r"^repository:\s*\n(?:\s+.*\n)*?\s+url:\s*(\S+)", config.read_text(), re.M)
@@ -272,6 +287,7 @@ def build(profile: str = "auto", only: list[str] | None = None, html: bool = Tru
     ``path_output/_build/html`` (returned). ``stored``: the published book's mode, every table from
     ``results/``; a chapter that would train fails the build naming the runs and the command."""
     import papermill
+    only = resolve_chapters(only) if only else only
     if stored:
         os.environ["ASYMLIB_STORED_ONLY"] = "1"   # the kernels inherit it
     src.mkdir(parents=True, exist_ok=True)
@@ -306,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
                     help="profile every chapter runs in (auto: the best stored, else quick)")
-    ap.add_argument("--only", nargs="*", help="execute only these chapters (file stems)")
+    ap.add_argument("--only", nargs="*", help="execute only these chapters (file stems, or their numbers: 04)")
     ap.add_argument("--no-html", action="store_true", help="execute the chapters, skip Jupyter Book")
     ap.add_argument("--stored-only", action="store_true", help="the published book: every table from "
                     "results/; a chapter that would train fails naming the runs and the command")
@@ -323,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--url and --branch go with --sync")
     try:
         html = build(a.profile, a.only, not a.no_html, stored=a.stored_only)
-    except (RuntimeError, MissingRuns) as e:
+    except (RuntimeError, ValueError, MissingRuns) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"book: {html / 'index.html'}")
+    print(f"executed chapters: {BUILD_SRC / 'notebooks'}" if a.no_html else f"book: {html / 'index.html'}")
     return 0
 
 

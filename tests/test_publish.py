@@ -129,3 +129,13 @@ print(asymlib.__file__, before, l.item())
     assert r.returncode == 0, r.stderr
     path, before, after = r.stdout.split()
     assert str(site) in path and float(after) < float(before)
+
+
+def test_only_takes_a_chapter_stem_or_its_number_and_refuses_anything_else(capsys):
+    from asymlib import book
+    assert book.resolve_chapters(["04", "02_shallow_dense"]) == ["04_poggio_net", "02_shallow_dense"]
+    assert book.main(["--only", "99", "--no-html"]) == 1   # (it used to execute nothing and say the book was built)
+    err = capsys.readouterr().err
+    assert "--only '99' matches no chapter" in err and "04_poggio_net" in err
+    assert book.main(["--only", "0", "--no-html"]) == 1
+    assert re.search(r"--only .0. matches \d+ chapters \(01_gradient_math, ", capsys.readouterr().err)
