@@ -377,13 +377,19 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     >>> check.frame, check.text
     """
     from .claims import INCONCLUSIVE
-    from .experiments import run_table, stored_seeds, table_command
+    from .experiments import get_table, run_table, stored_seeds, table_command
     from .store import ResultStore
     store = store or ResultStore()
     n_fp, n_ot = (stored_seeds(table, rows, profile, prec, epochs, dataset, device, store)
                   for prec in ("fp32", other))
     cmd = lambda n, prec: table_command(table, profile, n, epochs, dataset, prec) + " --only " + " ".join(rows)
     more_fp, more_ot = cmd(max(n_fp + 1, 2), "fp32"), cmd(max(n_ot, 1) + (n_ot > 0), other)
+    # what a verdict short of "within the seed spread" means for the table: a profile that trains in fp32
+    # stays so; one that already trains in the other precision (chosen on a shorter check) carries the caveat
+    trains = get_table(table).precision(profile)
+    caveat = f"`{table}`'s {profile} profile trains in {other}, so its rows at this budget carry that caveat"
+    stays = (caveat + f" (`{cmd(max(n_ot, 1), 'fp32')}` runs them in fp32)" if trains == other
+             else f"`{table}`'s {profile} profile stays {trains}")
     if n_fp == 0 or n_ot == 0:     # the commands for what is missing (one precision may be stored already)
         missing = [f"`{c}`" for n, c in ((n_ot, cmd(1, other)), (n_fp, more_fp)) if n == 0]
         return PrecisionCheck(None, f"*Not run yet: {' and '.join(missing)} run{'s' * (len(missing) == 1)} it.*", ())
@@ -413,14 +419,14 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
                 f"{fp.summary.epochs.min()} epochs, {profile} profile")
     if gap.isna().any():
         return done(f"{', '.join(frame.row[gap.isna()])} diverged in one precision and not in the other: "
-                    f"{other} changes these results ({evidence}); the reproduction tables stay fp32.")
+                    f"{other} changes these results ({evidence}); {stays}.")
     if n_fp == 1:
         return done(f"{other} moves the final accuracy by up to {gap.max():.2f} points ({evidence}). Whether that is "
                     f"more than another seed would move it is *{INCONCLUSIVE}*: with one fp32 seed there is no spread "
-                    f"to set it against (`{more_fp}` adds one); the reproduction tables stay fp32.")
+                    f"to set it against (`{more_fp}` adds one); {caveat if trains == other else stays}.")
     if not told.any():
         return done(f"Every row is at chance in both precisions, so the comparison is *{INCONCLUSIVE}* "
-                    f"({evidence}); the reproduction tables stay fp32.")
+                    f"({evidence}); {stays}.")
     inside, k = int(frame["within 2√2·std"][told].sum()), int(told.sum())
     over = f"the {k} rows above chance" if k > 1 else f"the one row above chance ({frame.row[told].iloc[0]})"
     text = (f"{other} moves the final accuracy by at most {gap[told].max():.2f} points. fp32's seed std, pooled over "
@@ -430,4 +436,4 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     if inside == k:
         return done(text + f": at this evidence {other} does not move the results beyond the seed spread. More seeds "
                            f"in both (`{more_ot}`) narrow it down.")
-    return done(text + f": {other} moves some rows beyond the seed spread, so the reproduction tables stay fp32.")
+    return done(text + f": {other} moves some rows beyond the seed spread; {stays}.")

@@ -82,7 +82,14 @@ def test_precision_check_reads_the_stored_seeds_and_says_what_it_can(tiny, tmp_p
     monkeypatch.setenv("ASYMLIB_STORED_ONLY", "1")   # it reads what is stored: training anything would raise
     c = check()                                  # one fp32 seed: no spread, inconclusive
     assert len(c.frame) == 2 and c.frame["within 2√2·std"].isna().all()
-    assert INCONCLUSIVE in c.text and re.search(r"--seeds 2 --epochs 1 .*--only DS0 DSR1`", c.text) and "stay fp32" in c.text
+    assert INCONCLUSIVE in c.text and re.search(r"--seeds 2 --epochs 1 .*--only DS0 DSR1`", c.text)
+    assert c.text.endswith("; `table1`'s quick profile stays fp32.")
+    # a profile that already trains in bf16 (Table 3's cpu profile) cannot "stay fp32": the text says so, and
+    # gives the fp32 command once (with one fp32 seed, the one that adds a seed)
+    monkeypatch.setitem(get_table("table1").profile_overrides, "quick", {"precision": "bf16"})
+    text = check().text
+    assert text.endswith("; `table1`'s quick profile trains in bf16, so its rows at this budget carry that caveat.")
+    assert text.count("--precision fp32") == 1
     gap = abs(final_by_seed(bf, "DS0")[0] - final_by_seed(fp1, "DS0")[0])
     assert math.isclose(c.frame.set_index("row").loc["DS0", "|bf16 − fp32|, same seeds"], gap)
     monkeypatch.undo()
