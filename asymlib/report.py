@@ -384,15 +384,18 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
                   for prec in ("fp32", other))
     cmd = lambda n, prec: table_command(table, profile, n, epochs, dataset, prec) + " --only " + " ".join(rows)
     more_fp, more_ot = cmd(max(n_fp + 1, 2), "fp32"), cmd(max(n_ot, 1) + (n_ot > 0), other)
-    # what a verdict short of "within the seed spread" means for the table: a profile that trains in fp32
-    # stays so; one that already trains in the other precision (chosen on a shorter check) carries the caveat
-    trains = get_table(table).precision(profile)
-    caveat = f"`{table}`'s {profile} profile trains in {other}, so its rows at this budget carry that caveat"
-    stays = (caveat + f" (`{cmd(max(n_ot, 1), 'fp32')}` runs them in fp32)" if trains == other
-             else f"`{table}`'s {profile} profile stays {trains}")
     if n_fp == 0 or n_ot == 0:     # the commands for what is missing (one precision may be stored already)
         missing = [f"`{c}`" for n, c in ((n_ot, cmd(1, other)), (n_fp, more_fp)) if n == 0]
         return PrecisionCheck(None, f"*Not run yet: {' and '.join(missing)} run{'s' * (len(missing) == 1)} it.*", ())
+    # what a verdict short of "within the seed spread" means for the table: a profile that trains in fp32
+    # stays so; one that already trains in the other precision (chosen on a shorter check) carries the caveat,
+    # with the fp32 command unless the sentence has one already (``stays_brief``: one fp32 seed, ``more_fp``)
+    trains = get_table(table).precision(profile)
+    if trains == other:
+        stays_brief = f"`{table}`'s {profile} profile trains in {other}, so its rows at this budget carry that caveat"
+        stays = stays_brief + f" (`{cmd(max(n_ot, 1), 'fp32')}` runs them in fp32)"
+    else:
+        stays = stays_brief = f"`{table}`'s {profile} profile stays {trains}"
     fp, ot = (run_table(table, profile, n, epochs, dataset, device, store=store, progress=False, only=rows,
                         precision=prec) for n, prec in ((n_fp, "fp32"), (n_ot, other)))
     paired = range(min(n_fp, n_ot))
@@ -423,7 +426,7 @@ def precision_check(table: str, rows: list[str], profile: str, other: str = "bf1
     if n_fp == 1:
         return done(f"{other} moves the final accuracy by up to {gap.max():.2f} points ({evidence}). Whether that is "
                     f"more than another seed would move it is *{INCONCLUSIVE}*: with one fp32 seed there is no spread "
-                    f"to set it against (`{more_fp}` adds one); {caveat if trains == other else stays}.")
+                    f"to set it against (`{more_fp}` adds one); {stays_brief}.")
     if not told.any():
         return done(f"Every row is at chance in both precisions, so the comparison is *{INCONCLUSIVE}* "
                     f"({evidence}); {stays}.")
