@@ -18,7 +18,7 @@ import pandas as pd
 
 from .data import NUM_CLASSES
 from .profiles import PROFILES
-from .store import ResultStore
+from .store import ResultStore, RunLocked
 from .training import Config, MissingRuns, Run, stored_only, train
 
 __all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
@@ -508,6 +508,12 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
     count (the CPU's cores split among the jobs)."""
     import submitit
     todo = [c for c in configs if store.load(c) is None]
+    held = {id(c): who for c in todo if (who := store.lock(c).holder()) is not None}
+    for c in todo:      # trained by another process now (another runner, a Slurm job): not started twice
+        if id(c) in held:
+            print(f"{c.name or c.spec} seed {c.seed}: being trained by {held[id(c)]}; not started here",
+                  file=sys.stderr)
+    todo = [c for c in todo if id(c) not in held]
     if not todo:
         return
     _cancellable_jobs()
@@ -676,8 +682,16 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
     if jobs > 1 or cluster not in ("local",):
         run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition, progress=progress)
     runs: dict[tuple[str, int], Run] = {}
+    locked: list[str] = []
     for cfg in todo:   # stored now (the jobs'), or trained here one after the other
-        runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
+        try:
+            runs[(cfg.name, cfg.seed)] = train(cfg, store, progress=progress)
+        except RunLocked as e:       # another process trains it: the other rows first, then say so
+            locked.append(str(e))
+    if locked:
+        raise RunLocked(f"{len(locked)} of the {len(todo)} runs of table {name!r} are being trained by other "
+                        f"processes; the rest are stored. Rerun the same command when they are done:\n"
+                        + "\n".join(locked))
     hist = [r.history.drop(columns=["alignment"], errors="ignore").assign(row=label, seed=seed, status=r.status)
             for (label, seed), r in runs.items()]
     return TableResult(summarize(table, runs), pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(),

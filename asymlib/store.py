@@ -9,6 +9,9 @@ What a stored number is tied to, beyond its key: the data set's fingerprint and 
 fingerprint (:func:`code_fingerprint`, a hash of asymlib's source files), both in ``env``; a checkpoint
 carries them too, with the thread count, and is never resumed by different data, code or threads.
 A file that cannot be read is a :class:`StoreError` naming it and the way out (``--force`` retrains).
+
+While a run trains, ``<key>.lock`` beside it says who trains it (:class:`RunLock`), so two processes
+sharing a results folder (``--jobs``, Slurm jobs, two terminals) never train the same run at once.
 """
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ from .malloc import allocator_in_use
 
 from .data import REPO_ROOT
 
-__all__ = ["ResultStore", "StoreError", "atomic_write_bytes", "environment", "git_sha", "code_fingerprint"]
+__all__ = ["ResultStore", "StoreError", "RunLock", "RunLocked", "atomic_write_bytes", "environment", "git_sha", "code_fingerprint"]
 
 #: keys every stored run has (anything less is a corrupt file)
 RECORD_KEYS = ("config", "status", "history", "env")
@@ -40,6 +46,169 @@ CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "torch_rng", "perm_
 
 class StoreError(RuntimeError):
     """A results file that cannot be read or written: the message names it and what to do."""
+
+
+class RunLocked(StoreError):
+    """The run is being trained by another live process (the message names it and its lock file)."""
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), to tell it from a later process
+    with the same pid; None where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """``<key>.lock``: which process trains a run, for as long as it trains it.
+
+    Taken with an exclusive create (atomic on local disks and NFS); it holds the host, boot, pid and
+    start time of its holder and a random token, and its holder refreshes its modification time every
+    :attr:`heartbeat` seconds from a background thread. A lock found in place is the holder's while
+
+    - on this machine (same host and boot): its process is alive (same pid and start time);
+    - from another machine (whose processes this one cannot see): its heartbeat is younger than
+      :attr:`stale_after` seconds,
+
+    and is taken over otherwise (a killed job, a rebooted node). Should two processes take over one
+    stale lock at the same moment, the one whose token the file no longer holds finds out at its next
+    :meth:`check` (the training loop calls it before each checkpoint) and stops with :class:`RunLocked`.
+
+    Example::
+
+        with RunLock(path, what="DS0 seed 0"):
+            ...   # train, calling lock.check() before each write
+    """
+
+    heartbeat: float = 60.0
+    stale_after: float = 600.0
+
+    def __init__(self, path: str | Path, what: str = "this run"):
+        self.path, self.what = Path(path), what
+        self.token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _me(self) -> dict:
+        return {"host": platform.node(), "boot": _boot_id(), "pid": os.getpid(),
+                "start": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "token": self.token}
+
+    def _read(self) -> tuple[dict | None, float | None]:
+        """The lock file's holder (None when unreadable, e.g. being written) and age in seconds (None: no file)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            info = json.loads(self.path.read_text())
+            return (info if isinstance(info, dict) else None), age
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError):
+            return None, age
+
+    def holder(self) -> str | None:
+        """Who holds the lock, in words, when a live process does; None when it is free or stale."""
+        info, age = self._read()
+        if age is None or (self.token is not None and isinstance(info, dict) and info.get("token") == self.token):
+            return None                       # free, or this holder's own
+        me = self._me()
+        if info is not None and me["boot"] is not None and (info.get("host"), info.get("boot")) == (me["host"], me["boot"]):
+            pid = info.get("pid")
+            alive = (isinstance(pid, int) and _pid_alive(pid)
+                     and (info.get("start") is None or _process_start(pid) in (None, info.get("start"))))
+            return f"process {pid} on this machine ({me['host']}), since {info.get('since', '?')}" if alive else None
+        if age >= self.stale_after:
+            return None
+        if info is None:
+            return f"a process that is writing it now ({age:.0f} s ago)"
+        return (f"process {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('since', '?')} (its last "
+                f"heartbeat {age:.0f} s ago; a lock without one for {self.stale_after:.0f} s is taken over)")
+
+    def _locked_error(self, who: str) -> RunLocked:
+        return RunLocked(f"{self.what} is being trained by {who} (lock {self.path}). Wait for it to finish (the "
+                         f"same command then loads its result), or, if that process is gone, delete {self.path}")
+
+    def acquire(self) -> "RunLock":
+        import secrets
+        self.token = secrets.token_hex(8)
+        for _ in range(3):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileExistsError:
+                who = self.holder()
+                if who is not None:
+                    raise self._locked_error(who) from None
+                info, _ = self._read()
+                if info is not None:
+                    print(f"taking over the stale lock {self.path} (holder: process {info.get('pid', '?')} on "
+                          f"{info.get('host', '?')}, since {info.get('since', '?')}; gone)", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise StoreError(f"the results folder {self.path.parent} is not writable ({e.strerror or e}); "
+                                 f"fix its permissions or use another results folder") from e
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._me(), f)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name=f"lock {self.path.name}", daemon=True)
+            self._thread.start()
+            return self
+        raise self._locked_error("another process that took it at the same time")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            info, _ = self._read()
+            if info is None or info.get("token") != self.token:
+                return                        # taken over: check() says so
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def check(self) -> None:
+        """Raise :class:`RunLocked` when the lock is no longer this holder's (taken over)."""
+        info, _ = self._read()
+        if info is None or info.get("token") != self.token:
+            who = self.holder()
+            raise self._locked_error(who or "another process (it took this run's lock over)")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        info, _ = self._read()
+        if info is not None and info.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self.token = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _umask() -> int:
@@ -163,6 +332,11 @@ class ResultStore:
 
     def checkpoint_path(self, config) -> Path:
         return self.path(config).with_suffix(".ckpt.pt")
+
+    def lock(self, config) -> RunLock:
+        """The :class:`RunLock` of ``config``'s run (``<key>.lock``), not yet taken."""
+        return RunLock(self.path(config).with_suffix(".lock"),
+                       f"run {config.name or config.spec!r} (seed {config.seed}, {config.profile} profile)")
 
     def load(self, config) -> dict | None:
         """The stored record of ``config``, or None; a file that is not a whole record raises

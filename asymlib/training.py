@@ -31,7 +31,7 @@ from .metrics import alignment
 from .optim import OPTIMIZERS, clip_asymmetric_grads, make_optimizer
 from .profiles import CUSTOM, profile_names
 from .rules import canonical_rule, gradient_scale
-from .store import ResultStore, StoreError, code_fingerprint, environment
+from .store import ResultStore, RunLock, StoreError, code_fingerprint, environment
 
 __all__ = ["Config", "Run", "train", "bf16_speedup", "resolve_device", "PROFILES", "PRECISIONS", "autocast", "DIVERGED_LOSS", "divergence",
            "MissingRuns", "stored_only"]
@@ -366,6 +366,17 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
         raise MissingRuns(f"run {cfg.name or cfg.spec!r} (seed {cfg.seed}, {cfg.profile} profile, {cfg.epochs} "
                           f"epochs) is not stored at {store.path(cfg)}, and ASYMLIB_STORED_ONLY is set (the "
                           f"published book never trains): train it where the data are, commit results/")
+    with store.lock(cfg) as lock:   # one process trains a run at a time (a shared results folder, --jobs)
+        if not force:                 # finished by another process since the check above
+            rec = _load_verified(cfg, store)
+            if rec is not None:
+                return Run.from_record(rec, loaded=True)
+        return _train(cfg, store, lock, progress, force, on_epoch_end)
+
+
+def _train(cfg: Config, store: ResultStore, lock: RunLock, progress: bool, force: bool,
+           on_epoch_end: Callable[[int, dict], None] | None) -> Run:
+    """:func:`train`'s training, with the run's lock held (checked before each write)."""
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device (autocast with a grad scaler); on the CPU use "
@@ -467,6 +478,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
             row["alignment"] = alignment(model, loss_fn, *probe)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        lock.check()
         store.save_checkpoint(cfg, {**_state(model, opt, gen, epoch + 1, history), "segments": segments,
                                     "data": data.fingerprint, "code": code_fingerprint(),
                                     "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -480,6 +492,7 @@ def train(cfg: Config, store: ResultStore | None = None, progress: bool = True, 
               "history": history, "env": {**env, "precision": cfg.precision, "segments": segments, "dataset": data.name,
                                           "dataset_fingerprint": data.fingerprint,
                                           "n_train": n, "n_test": len(data.test_y)}}
+    lock.check()
     store.save(cfg, record)
     store.drop_checkpoint(cfg)
     return Run.from_record(store.load(cfg), loaded=False)
