@@ -481,13 +481,24 @@ def alignment_frame(runs: dict[tuple[str, int], Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _train_job(cfg: Config, root: str, threads: int) -> tuple[str, float]:
+class _TrainJob:
     """One row of a table in its own process (a submitit job): ``threads`` CPU threads, stored in ``root``;
-    its epoch bar goes to the job's log (``_build/jobs/<id>/<id>_0_log.err``, or Slurm's)."""
-    import torch
-    torch.set_num_threads(threads)
-    run = train(cfg, ResultStore(root), progress=True)
-    return run.status, float(run.final["test_acc"])
+    its epoch bar goes to the job's log (``_build/jobs/<id>/<id>_0_log.err``, or Slurm's).
+
+    A job that Slurm preempts, or stops at its time limit, is requeued by submitit with the same
+    arguments (:meth:`checkpoint`; at most ``slurm_max_num_timeout`` time limits, 3 by default): the run
+    resumes from its last finished epoch. (The signal's exit leaves ``train`` through its lock, which it
+    releases, so the requeued job, on this node or another, takes the run over at once.)"""
+
+    def __call__(self, cfg: Config, root: str, threads: int) -> tuple[str, float]:
+        import torch
+        torch.set_num_threads(threads)
+        run = train(cfg, ResultStore(root), progress=True)
+        return run.status, float(run.final["test_acc"])
+
+    def checkpoint(self, *args):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, *args)
 
 
 def default_jobs(device: str = "auto") -> int:
@@ -498,14 +509,15 @@ def default_jobs(device: str = "auto") -> int:
 
 
 def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str | None = "local",
-             folder: str | Path | None = None, timeout_min: int = 24 * 60, slurm_partition: str | None = None,
+             folder: str | Path | None = None, timeout_min: int | None = None, slurm_partition: str | None = None,
              progress: bool = True) -> None:
     """Train ``configs`` (the ones not stored) in ``jobs`` processes at a time, through submitit: its
     local executor here, Slurm on a cluster (``cluster="slurm"``, or None to pick Slurm when present),
     results written to ``store`` (a shared folder on a cluster). Each run is resumable on its own; one
     line per finished row, and (``progress``) a bar of the epochs done over all of them, read from the
     runs' checkpoints. The numbers are the serial runner's: each run has its seed, device and thread
-    count (the CPU's cores split among the jobs)."""
+    count (the CPU's cores split among the jobs). ``timeout_min``: a Slurm job's time limit (default 24 h;
+    a run that needs longer is requeued, :class:`_TrainJob`); local jobs have none by default."""
     import submitit
     todo = [c for c in configs if store.load(c) is None]
     held = {id(c): who for c in todo if (who := store.lock(c).holder()) is not None}
@@ -520,6 +532,8 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     folder = Path(folder) if folder is not None else store.root.parent / "_build" / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    if timeout_min is None:   # a local job has no scheduler's limit to fit (submitit's local default: 5 min)
+        timeout_min = 24 * 60 if executor.cluster != "local" else 365 * 24 * 60
     executor.update_parameters(timeout_min=timeout_min, cpus_per_task=threads, name="asymlib")
     if slurm_partition:
         executor.update_parameters(slurm_partition=slurm_partition, slurm_array_parallelism=jobs)
@@ -605,7 +619,7 @@ def _drive(executor, pending, running, jobs, threads, store, todo, failed, bar: 
     while pending or running:
         while pending and len(running) < jobs:
             cfg = pending.pop(0)
-            running[_submit(executor, _train_job, cfg, str(store.root), threads)] = (cfg, time.time())
+            running[_submit(executor, _TrainJob(), cfg, str(store.root), threads)] = (cfg, time.time())
         time.sleep(0.5)
         bar.poll([cfg for cfg, _ in running.values()])
         for job in [j for j in running if j.done()]:

@@ -1,5 +1,6 @@
 """The table runner on several processes (submitit's local executor here; Slurm on a cluster): the
 same stored results as a serial run, one line per finished row, and a failing row named."""
+import json
 import os
 import re
 import signal
@@ -115,3 +116,41 @@ def _running(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))   # a zombie has exited
+
+
+def test_a_job_at_its_time_limit_is_requeued_and_resumes_with_the_same_numbers(tmp_path):
+    """What Slurm does at a preemption or a time limit (a USR2 signal to the job's task, here sent to the
+    process the run's lock names): the job is requeued with the same arguments and the run resumes from its
+    last finished epoch, releasing its lock on the way out, with the numbers of an uninterrupted run."""
+    import submitit
+    from asymlib.experiments import _TrainJob
+    from asymlib.training import Config, train
+    cfg = Config(spec="Input - dense512 - dense512 - dense10", dataset="digits", device="cpu", batch_size=50,
+                 epochs=60)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = train(cfg, ResultStore(tmp_path / "serial"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    store = ResultStore(tmp_path / "jobs")
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "jobs_log" / "%j"), cluster="local")
+    # a time limit under 10 minutes: submitit counts any signal as the time limit's (the case a callable
+    # without `checkpoint` fails in; a preemption would requeue it anyway)
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(_TrainJob(), cfg, str(store.root), 1)
+    deadline = time.time() + 120
+    while store.checkpoint_epoch(cfg) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert 2 <= store.checkpoint_epoch(cfg) < cfg.epochs, "interrupt the run while it trains"
+    pid = json.loads(store.path(cfg).with_suffix(".lock").read_text())["pid"]      # the job's task process
+    os.kill(pid, signal.SIGUSR2)                       # its time limit: checkpoint() requeues it
+    status, acc = job.result()
+    rec = store.load(cfg)
+    starts = [s["from_epoch"] for s in rec["env"]["segments"]]
+    assert status == "completed" and len(starts) == 2 and starts[0] == 1 and starts[1] > 2   # resumed
+    log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+    assert "this job is timed-out" in log and "Requeued job" in log and f"from epoch {starts[1] - 1} of 60" in log
+    other = train(cfg, store, progress=False)
+    pd.testing.assert_frame_equal(strip(serial.history), strip(other.history))
+    assert acc == float(serial.final["test_acc"]) and not store.path(cfg).with_suffix(".lock").exists()
