@@ -420,6 +420,14 @@ class LocallyConnected2d(FeedbackLayer):
     # order: the products read a strided G (a channels-last G puts a kernel's rows far apart) 1.7-2.5x
     # slower.
     #
+    # Tried and not taken (the untied Poggio net's three layers, batch 500, 2 threads, median of 3 rounds): an
+    # implicit product without the patch copies, one batched product per output row and kernel row on a
+    # strided view of the padded input (kw * C_in contiguous values a row, which MKL's fp32 product reads
+    # in place). Forward, this path -> that one: fp32 60 -> 77 ms (3 channels: K = kw * C_in = 15 is too
+    # short), 88 -> 72 ms (32 channels), 44 -> 37 ms (64); bf16 26 -> 77, 42 -> 45, 20 -> 17 ms (oneDNN's
+    # bf16 product copies a strided operand itself). Against the tied channels-last conv's forward (19, 34,
+    # 18 ms fp32; 5, 11, 6 ms bf16) neither is within 2x.
+    #
     # The buffers of a band live on the layer between steps (a fresh allocation costs the OS's page
     # mapping and zero-fill every time), each filled and consumed within one call (never handed out).
 
