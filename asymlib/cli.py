@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="as for run; auto (default): the profile's own (fp32, unless the table's profile says otherwise)")
     t.add_argument("--jobs", type=_positive_int, default=None,
                    help="rows trained at once, each in its own process with the cores split among them "
-                        "(default: one per CPU core, or 1 on a GPU)")
+                        "(default: one per CPU core, or one per GPU, each job on its own)")
     t.add_argument("--cluster", default="local", choices=["local", "slurm", "auto"],
                    help="where the jobs run (submitit): this machine, a Slurm cluster, or Slurm when present")
     t.add_argument("--slurm-partition", default=None, help="with --cluster slurm: the partition")
+    t.add_argument("--gpus-per-job", type=int, default=None,
+                   help="with --cluster slurm: GPUs each job asks for (default: 1 with --device cuda, else 0)")
     t.add_argument("--only", nargs="*", default=None, help="run only these rows")
     t.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, _ = run_table(a.name, a.profile, a.seeds, a.epochs, a.dataset, a.device,
                                    progress=not a.no_progress, only=a.only, precision=a.precision,
                                    jobs=jobs, cluster=None if a.cluster == "auto" else a.cluster,
-                                   slurm_partition=a.slurm_partition)
+                                   slurm_partition=a.slurm_partition, gpus_per_job=a.gpus_per_job)
             print(TABLES[a.name].title)
             with pd.option_context("display.width", 200, "display.max_columns", 20):
                 print(summary.round(2).to_string(index=False))

@@ -21,7 +21,7 @@ from .profiles import PROFILES
 from .store import ResultStore, RunLocked
 from .training import Config, MissingRuns, Run, stored_only, train
 
-__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs", "job_device",
            "table_command", "stored_seeds", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
@@ -501,23 +501,46 @@ class _TrainJob:
         return submitit.helpers.DelayedSubmission(self, *args)
 
 
-def default_jobs(device: str = "auto") -> int:
-    """Every core busy: one run per core on a CPU (1 thread each, as the committed runs), one on a GPU."""
+def _local_gpus(device: str) -> int:
+    """The GPUs local jobs on ``device`` spread over: every visible one for ``auto`` and ``cuda``, none for
+    ``cpu`` or one named GPU (``cuda:N``)."""
     import torch
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return 1 if on_gpu else max(1, os.cpu_count() or 1)
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Every core busy: one run per core on a CPU (1 thread each, as the committed runs), one run per GPU
+    on a machine with GPUs (each job on its own, :func:`job_device`)."""
+    if device.startswith("cuda:"):
+        return 1
+    gpus = _local_gpus(device)
+    if gpus or device == "cuda":
+        return max(1, gpus)
+    return max(1, os.cpu_count() or 1)
+
+
+def job_device(device: str, slot: int, gpus: int) -> str:
+    """The device of the local job in ``slot`` (0 … jobs−1): with ``gpus`` GPUs to spread over, GPU
+    ``slot mod gpus`` for ``auto`` and ``cuda``; otherwise ``device`` itself. (The device is not part of a
+    run's key: the run is the same whichever GPU trains it.)"""
+    return f"cuda:{slot % gpus}" if gpus and device in ("auto", "cuda") else device
 
 
 def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str | None = "local",
              folder: str | Path | None = None, timeout_min: int | None = None, slurm_partition: str | None = None,
-             progress: bool = True) -> None:
+             progress: bool = True, gpus_per_job: int | None = None) -> None:
     """Train ``configs`` (the ones not stored) in ``jobs`` processes at a time, through submitit: its
     local executor here, Slurm on a cluster (``cluster="slurm"``, or None to pick Slurm when present),
     results written to ``store`` (a shared folder on a cluster). Each run is resumable on its own; one
     line per finished row, and (``progress``) a bar of the epochs done over all of them, read from the
     runs' checkpoints. The numbers are the serial runner's: each run has its seed, device and thread
     count (the CPU's cores split among the jobs). ``timeout_min``: a Slurm job's time limit (default 24 h;
-    a run that needs longer is requeued, :class:`_TrainJob`); local jobs have none by default."""
+    a run that needs longer is requeued, :class:`_TrainJob`); local jobs have none by default.
+
+    GPUs: local jobs spread over the machine's GPUs (:func:`job_device`); a Slurm job asks for
+    ``gpus_per_job`` GPUs (default: 1 when the runs' device is ``cuda``, else none)."""
     import submitit
     todo = [c for c in configs if store.load(c) is None]
     held = {id(c): who for c in todo if (who := store.lock(c).holder()) is not None}
@@ -537,10 +560,22 @@ def run_jobs(configs: list[Config], store: ResultStore, jobs: int, cluster: str 
     executor.update_parameters(timeout_min=timeout_min, cpus_per_task=threads, name="asymlib")
     if slurm_partition:
         executor.update_parameters(slurm_partition=slurm_partition, slurm_array_parallelism=jobs)
+    devices = {c.device for c in todo}
+    gpus = 0
+    if executor.cluster == "local":
+        gpus = max(_local_gpus(d) for d in devices)
+    else:   # each cluster job gets its own GPU(s) from the scheduler, which it sees as cuda:0
+        if gpus_per_job is None:
+            gpus_per_job = 1 if any(d.startswith("cuda") for d in devices) else 0
+        if gpus_per_job:
+            executor.update_parameters(gpus_per_node=gpus_per_job)
+        elif "auto" in devices:
+            print("note: the cluster jobs ask for no GPU (device auto); --device cuda (or --gpus-per-job 1) "
+                  "asks for one each", file=sys.stderr)
     pending, running, failed = list(todo), {}, []
     bar = _EpochBar(todo, store, jobs, progress)
     try:
-        _drive(executor, pending, running, jobs, threads, store, todo, failed, bar)
+        _drive(executor, pending, running, jobs, threads, gpus, store, todo, failed, bar)
     except KeyboardInterrupt:   # stop the jobs too: each resumes from its checkpoint next time
         for job in running:
             job.cancel(check=False)
@@ -614,16 +649,18 @@ def _submit(executor, fn, *args):
         os.close(saved)
 
 
-def _drive(executor, pending, running, jobs, threads, store, todo, failed, bar: _EpochBar) -> None:
+def _drive(executor, pending, running, jobs, threads, gpus, store, todo, failed, bar: _EpochBar) -> None:
     done = 0
     while pending or running:
         while pending and len(running) < jobs:
             cfg = pending.pop(0)
-            running[_submit(executor, _TrainJob(), cfg, str(store.root), threads)] = (cfg, time.time())
+            slot = min(set(range(jobs)) - {s for _, _, s in running.values()})     # a free GPU when spreading
+            job_cfg = cfg.replace(device=job_device(cfg.device, slot, gpus))
+            running[_submit(executor, _TrainJob(), job_cfg, str(store.root), threads)] = (cfg, time.time(), slot)
         time.sleep(0.5)
-        bar.poll([cfg for cfg, _ in running.values()])
+        bar.poll([cfg for cfg, _, _ in running.values()])
         for job in [j for j in running if j.done()]:
-            cfg, t0 = running.pop(job)
+            cfg, t0, _ = running.pop(job)
             done += 1
             try:
                 status, acc = job.result()
@@ -667,7 +704,8 @@ def stored_seeds(table: str, rows: list[str] | None, profile: str, precision: st
 def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epochs: int | None = None,
               dataset: str | None = None, device: str = "auto", store: ResultStore | None = None,
               progress: bool = True, only: list[str] | None = None, precision: str = "auto",
-              jobs: int = 1, cluster: str | None = "local", slurm_partition: str | None = None) -> TableResult:
+              jobs: int = 1, cluster: str | None = "local", slurm_partition: str | None = None,
+              gpus_per_job: int | None = None) -> TableResult:
     """Run (or load) every row of a table with each seed.
 
     Returns a :class:`TableResult`; ``summary, histories = run_table(...)`` unpacks its first two.
@@ -694,7 +732,8 @@ def run_table(name: str, profile: str = "quick", seeds: int | list[int] = 1, epo
                               + table_command(name, profile, len(seed_list), epochs, dataset, precision)
                               + " (then commit results/)")
     if jobs > 1 or cluster not in ("local",):
-        run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition, progress=progress)
+        run_jobs(todo, store, jobs, cluster=cluster, slurm_partition=slurm_partition, progress=progress,
+                 gpus_per_job=gpus_per_job)
     runs: dict[tuple[str, int], Run] = {}
     locked: list[str] = []
     for cfg in todo:   # stored now (the jobs'), or trained here one after the other

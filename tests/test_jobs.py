@@ -154,3 +154,67 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_with_the_same_numbers(t
     other = train(cfg, store, progress=False)
     pd.testing.assert_frame_equal(strip(serial.history), strip(other.history))
     assert acc == float(serial.final["test_acc"]) and not store.path(cfg).with_suffix(".lock").exists()
+
+
+class _FakeJob:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def done(self):
+        return True
+
+    def result(self):
+        return "completed", 0.5
+
+
+class _FakeExecutor:
+    """submitit.AutoExecutor's interface, recording what the runner asks of it."""
+    made = []
+
+    def __init__(self, folder, cluster=None):
+        self.folder, self.cluster, self.params, self.devices = folder, cluster or "slurm", {}, []
+        _FakeExecutor.made.append(self)
+
+    def update_parameters(self, **kw):
+        self.params.update(kw)
+
+    def submit(self, fn, cfg, root, threads):
+        self.devices.append(cfg.device)
+        return _FakeJob(cfg)
+
+
+def _configs(device, n=3):
+    from asymlib.training import Config
+    return [Config(spec="Input - dense8 - dense3", dataset="digits", device=device, seed=s, epochs=1) for s in range(n)]
+
+
+@pytest.mark.parametrize("device, asked", [("cuda", {"gpus_per_node": 1}), ("cpu", {}), ("auto", {})])
+def test_slurm_jobs_ask_for_a_gpu_when_the_runs_are_on_cuda(tmp_path, monkeypatch, capsys, device, asked):
+    import submitit
+    from asymlib.experiments import run_jobs
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeExecutor)
+    _FakeExecutor.made.clear()
+    run_jobs(_configs(device), ResultStore(tmp_path / "r"), 2, cluster="slurm", progress=False)
+    ex = _FakeExecutor.made[-1]
+    assert {k: v for k, v in ex.params.items() if k == "gpus_per_node"} == asked
+    assert ex.devices == [device] * 3 and ex.params["timeout_min"] == 24 * 60     # the job sees its GPU as cuda
+    assert ("asks for one each" in capsys.readouterr().err) == (device == "auto")
+    run_jobs(_configs(device), ResultStore(tmp_path / "r"), 2, cluster="slurm", progress=False, gpus_per_job=2)
+    assert _FakeExecutor.made[-1].params["gpus_per_node"] == 2
+
+
+def test_local_jobs_spread_over_the_gpus(tmp_path, monkeypatch):
+    import submitit
+    from asymlib.experiments import default_jobs, job_device, run_jobs
+    assert [job_device("auto", s, 2) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert job_device("cuda:1", 0, 2) == "cuda:1" and job_device("cpu", 1, 2) == "cpu" and job_device("auto", 1, 0) == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert default_jobs("auto") == default_jobs("cuda") == 2 and default_jobs("cuda:1") == 1
+    assert default_jobs("cpu") == (os.cpu_count() or 1)
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeExecutor)
+    run_jobs(_configs("auto"), ResultStore(tmp_path / "r"), 2, cluster="local", progress=False)
+    ex = _FakeExecutor.made[-1]
+    # each job done at once frees its slot (and GPU) for the next
+    assert ex.devices == ["cuda:0", "cuda:1", "cuda:0"] and "gpus_per_node" not in ex.params
+    assert ex.params["timeout_min"] == 365 * 24 * 60
