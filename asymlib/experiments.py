@@ -21,8 +21,8 @@ from .profiles import PROFILES
 from .store import ResultStore, RunLocked
 from .training import Config, MissingRuns, Run, stored_only, train
 
-__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs", "job_device",
-           "table_command", "stored_seeds", "summarize",
+__all__ = ["Row", "Table", "TABLES", "TableResult", "profile_config", "run_table", "run_jobs", "default_jobs",
+           "job_device", "table_command", "stored_seeds", "summarize",
            "alignment_frame", "get_table", "for_classes",
            "LIAO_RULES", "LIAO_P", "LIAO_PUBLISHED", "liao_label",
            "LEADERBOARD_RULES", "LEADERBOARD_MLPS", "BIOTORCH_PUBLISHED"]

@@ -37,7 +37,8 @@ from .malloc import allocator_in_use
 
 from .data import REPO_ROOT
 
-__all__ = ["ResultStore", "StoreError", "RunLock", "RunLocked", "atomic_write_bytes", "environment", "git_sha", "code_fingerprint"]
+__all__ = ["ResultStore", "StoreError", "RunLock", "RunLocked", "atomic_write_bytes", "environment", "git_sha",
+           "code_fingerprint"]
 
 #: keys every stored run has (anything less is a corrupt file)
 RECORD_KEYS = ("config", "status", "history", "env")
@@ -133,7 +134,9 @@ class RunLock:
         if age is None or (self.token is not None and isinstance(info, dict) and info.get("token") == self.token):
             return None                       # free, or this holder's own
         me = self._me()
-        if info is not None and me["boot"] is not None and (info.get("host"), info.get("boot")) == (me["host"], me["boot"]):
+        same_machine = me["boot"] is not None and info is not None and (info.get("host"), info.get("boot")) == (
+            me["host"], me["boot"])
+        if same_machine:
             pid = info.get("pid")
             alive = (isinstance(pid, int) and _pid_alive(pid)
                      and (info.get("start") is None or _process_start(pid) in (None, info.get("start"))))
