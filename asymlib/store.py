@@ -49,6 +49,11 @@ class StoreError(RuntimeError):
     """A results file that cannot be read or written: the message names it and what to do."""
 
 
+def _not_writable(folder: Path, e: OSError) -> StoreError:
+    return StoreError(f"the results folder {folder} is not writable ({e.strerror or e}); "
+                      f"fix its permissions or use another results folder")
+
+
 class RunLocked(StoreError):
     """The run is being trained by another live process (the message names it and its lock file)."""
 
@@ -170,8 +175,7 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
                 continue
             except OSError as e:
-                raise StoreError(f"the results folder {self.path.parent} is not writable ({e.strerror or e}); "
-                                 f"fix its permissions or use another results folder") from e
+                raise _not_writable(self.path.parent, e) from e
             with os.fdopen(fd, "w") as f:
                 json.dump(self._me(), f)
             self._stop.clear()
@@ -373,8 +377,7 @@ class ResultStore:
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
-            raise StoreError(f"the results folder {folder} is not writable ({e.strerror or e}); "
-                             f"fix its permissions or use another results folder") from e
+            raise _not_writable(folder, e) from e
         free = shutil.disk_usage(folder).free
         if free < need_bytes + 2**20:
             raise StoreError(f"only {free / 2**20:.1f} MB free under {folder}; this run's checkpoint and "
